@@ -1,0 +1,66 @@
+"""ConvertSavedModel: FP32 GPT-J SavedModel -> calibrated INT8 SavedModel.
+
+Edit the flags in __init__ to change the defaults (quantize.py's flags override them):
+    self.itex_mode = False         # True: keep QuantizeV2/Dequantize pairs for Intel Extension
+                                   # for TensorFlow to fuse; stock TensorFlow runs them as fake
+                                   # quantization. False: fuse them into oneDNN int8 kernels.
+    self.performance_only = False  # True: also put pairs before the attention BatchMatMulV2s.
+"""
+import logging
+from pathlib import Path
+
+from gptj_int8 import calibration, qdq, savedmodel
+from gptj_int8.cli import UserError
+
+log = logging.getLogger(__name__)
+
+# Files prepare_model.py writes beside the SavedModel, carried over to the converted one.
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "added_tokens.json")
+
+
+class ConvertSavedModel:
+    def __init__(self, src, dst, calibration_batches, output_dir="./output",
+                 itex_mode=None, performance_only=None):
+        self.itex_mode = False
+        self.performance_only = False
+        if itex_mode is not None:
+            self.itex_mode = itex_mode
+        if performance_only is not None:
+            self.performance_only = performance_only
+        self.src = Path(src)
+        self.dst = Path(dst)
+        self.output_dir = Path(output_dir)
+        self.calibration_batches = calibration_batches
+        if not calibration_batches:
+            raise UserError("calibration needs at least one passage")
+        if self.dst.resolve() == self.src.resolve() or self.src.resolve() in self.dst.resolve().parents:
+            raise UserError(f"the converted model cannot be written inside the input model: {self.dst}")
+
+    def __call__(self):
+        loaded, fn = savedmodel.load_serving_function(self.src)
+        graph = savedmodel.extract_serving_graph(loaded, fn)
+        savedmodel.write_graph_def(graph.graph_def, self.output_dir / "extracted_graph_def.pb")
+
+        sites = qdq.find_matmul_sites(graph)
+        pair_ops = ["ConcatV2"] + (["BatchMatMulV2"] if self.performance_only else [])
+        pair_inputs = qdq.find_pair_inputs(graph, pair_ops)
+        log.info("quantizing %d MatMuls and %d inputs of %s (itex_mode=%s)",
+                 len(sites), len(pair_inputs), "/".join(pair_ops), self.itex_mode)
+        ranges = calibration.collect_activation_ranges(
+            graph, [s.activation for s in sites] + [t for _, _, t in pair_inputs], self.calibration_batches)
+
+        graph = qdq.insert_input_pairs(graph, pair_inputs, ranges)
+        if self.itex_mode:
+            graph = qdq.insert_qdq_pairs(graph, sites, ranges)
+        else:
+            graph = qdq.fuse_int8_matmuls(graph, sites, ranges)
+        graph = qdq.quantize_embeddings(graph, qdq.find_embeddings(graph))
+        graph = savedmodel.prune(graph)
+        savedmodel.write_graph_def(graph.graph_def, self.output_dir / "converted_graph_def.pb")
+
+        side_files = [self.src / f for f in SIDE_FILES if (self.src / f).exists()]
+        out = savedmodel.save_serving_graph(graph, self.dst, extra_files=side_files)
+        log.info("wrote %s (%.1f MB; FP32 %.1f MB)", out, savedmodel.saved_model_size(out) / 1e6,
+                 savedmodel.saved_model_size(self.src) / 1e6)
+        return out

