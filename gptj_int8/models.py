@@ -102,3 +102,12 @@ def export_saved_model(model, out_dir):
 
     module.serving = serving
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serving})
+
+
+def context_length(model_dir, default=2048):
+    """n_positions from the config.json saved beside a SavedModel."""
+    import json
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return default
+    return int(json.loads(config.read_text()).get("n_positions", default))

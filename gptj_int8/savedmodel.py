@@ -124,7 +124,17 @@ def extract_serving_graph(loaded, fn):
 
 
 def prune(graph):
-    """Drop every node the logits do not depend on (e.g. reads of weights replaced by int8)."""
+    """Drop every node the logits do not depend on (e.g. reads of weights replaced by int8).
+
+    Inlining leaves control edges from every variable read to the function's output; they only
+    order reads, and they would keep the replaced FP32 weights alive, so they go first.
+    """
+    reads = {n.name for n in graph.graph_def.node if n.op == "ReadVariableOp"}
+    for node in graph.graph_def.node:
+        kept = [i for i in node.input if not (i.startswith("^") and i[1:] in reads)]
+        if len(kept) != len(node.input):
+            del node.input[:]
+            node.input.extend(kept)
     keep = tf.compat.v1.graph_util.extract_sub_graph(graph.graph_def, [graph.output.split(":")[0]])
     names = {n.name for n in keep.node}
     return dataclasses.replace(graph, graph_def=keep,
@@ -174,6 +184,7 @@ def save_serving_graph(graph, out_dir, extra_files=()):
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: serving})
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
+        tmp.chmod(0o755)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""Export a Hugging Face GPT-J (TFGPTJForCausalLM) as an FP32 SavedModel.
+
+    python prepare_model.py                                   # the bundled models/gptj-kjv
+    python prepare_model.py --model EleutherAI/gpt-j-6B       # the real one (needs the hub)
+    python prepare_model.py --random_init --config_overrides "n_layer=1,n_embd=4096" \
+        --output_dir ./gptj-random-1l                         # GPT-J-6B's width, random weights
+
+serving_default: input_ids, attention_mask (int32 [batch, seq]) -> logits (float32).
+The tokenizer and config are written beside the SavedModel, so later steps need no --model.
+"""
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from gptj_int8 import cli, models
+
+log = logging.getLogger("prepare_model")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(models.BUNDLED_MODEL),
+                   help="Hugging Face id or local folder of a GPT-J checkpoint")
+    p.add_argument("--output_dir", default=None, help="where the SavedModel goes (default ./<model name>)")
+    p.add_argument("--random_init", action="store_true",
+                   help="random weights from GPTJConfig (GPT-J-6B's shape) instead of loading --model")
+    p.add_argument("--config_overrides", default="", help='with --random_init, e.g. "n_layer=1,n_embd=4096"')
+    p.add_argument("--seed", type=int, default=0, help="seed of --random_init")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    args = p.parse_args()
+
+    overrides = models.parse_config_overrides(args.config_overrides)
+    if overrides and not args.random_init:
+        raise cli.UserError("--config_overrides applies only with --random_init")
+    out = Path(args.output_dir or (f"./gptj-random" if args.random_init else models.default_export_dir(args.model)))
+    if out.exists() and not args.overwrite:
+        raise cli.UserError(f"{out} exists; pass --overwrite to replace it")
+
+    if args.random_init:
+        log.info("building a random GPT-J (%s), seed %d", overrides or "GPT-J-6B's shape", args.seed)
+        model = models.random_gptj(overrides, args.seed)
+        tokenizer = models.gpt2_bpe_tokenizer()
+    else:
+        log.info("loading %s", args.model)
+        model = models.pretrained_gptj(args.model)
+        tokenizer = models.load_tokenizer(args.model)
+    n_params = sum(int(v.shape.num_elements()) for v in model.variables)
+    log.info("exporting %.1fM parameters to %s", n_params / 1e6, out)
+
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        models.export_saved_model(model, tmp)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    cli.run(main)

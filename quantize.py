@@ -1,0 +1,52 @@
+"""Calibrate a GPT-J FP32 SavedModel and convert it to INT8 through convert.ConvertSavedModel.
+
+    python quantize.py --output_dir=./output
+
+Writes the INT8 SavedModel (default ./converted_<name>) and, in --output_dir, the graph before
+and after the QuantizeV2/Dequantize pairs (extracted_graph_def.pb, converted_graph_def.pb) and
+quantize.log. --itex_mode / --performance_only override the defaults set in convert.py.
+"""
+import argparse
+import logging
+from pathlib import Path
+
+from convert import ConvertSavedModel
+from gptj_int8 import cli, data, models
+
+log = logging.getLogger("quantize")
+DEFAULT_MODEL = models.default_export_dir(models.BUNDLED_MODEL)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_model", default=str(DEFAULT_MODEL), help="the FP32 SavedModel from prepare_model.py")
+    p.add_argument("--converted_model", default=None, help="where the INT8 SavedModel goes (default ./converted_<name>)")
+    p.add_argument("--output_dir", default="./output", help="graph dumps and the log")
+    p.add_argument("--dataset", default=str(data.CALIBRATION_SET),
+                   help="calibration text: JSONL with a 'text' field, or a hub id such as EleutherAI/lambada_openai")
+    p.add_argument("--calib_samples", type=cli.positive_int, default=100, help="calibration passages")
+    p.add_argument("--itex_mode", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep QDQ pairs for Intel Extension for TensorFlow instead of fused int8 kernels")
+    p.add_argument("--performance_only", action=argparse.BooleanOptionalAction, default=None,
+                   help="also put pairs before the attention BatchMatMulV2s")
+    args = p.parse_args()
+
+    input_model = Path(args.input_model)
+    converted = Path(args.converted_model or f"./converted_{input_model.resolve().name}")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output_dir / "quantize.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+    tokenizer = models.load_tokenizer(input_model)
+    passages = data.load_passages(args.dataset, args.calib_samples)
+    sequences = data.encode_passages(tokenizer, passages, models.context_length(input_model))
+    log.info("calibrating on %d passages of %s", len(sequences), args.dataset)
+    converter = ConvertSavedModel(input_model, converted, data.batches(sequences, 1, tokenizer.pad_token_id),
+                                  output_dir, itex_mode=args.itex_mode, performance_only=args.performance_only)
+    converter()
+
+
+if __name__ == "__main__":
+    cli.run(main)
