@@ -28,6 +28,8 @@ def main():
                    help="random weights from GPTJConfig (GPT-J-6B's shape) instead of loading --model")
     p.add_argument("--config_overrides", default="", help='with --random_init, e.g. "n_layer=1,n_embd=4096"')
     p.add_argument("--seed", type=int, default=0, help="seed of --random_init")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --random_init: a folder with tokenizer files (default GPT-J's BPE)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     args = p.parse_args()
 
@@ -40,8 +42,11 @@ def main():
 
     if args.random_init:
         log.info("building a random GPT-J (%s), seed %d", overrides or "GPT-J-6B's shape", args.seed)
+        tokenizer = models.load_tokenizer(args.tokenizer) if args.tokenizer else models.gpt2_bpe_tokenizer()
         model = models.random_gptj(overrides, args.seed)
-        tokenizer = models.gpt2_bpe_tokenizer()
+        if model.config.vocab_size < len(tokenizer):
+            raise cli.UserError(f"vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                                f"{len(tokenizer)} tokens")
     else:
         log.info("loading %s", args.model)
         model = models.pretrained_gptj(args.model)

@@ -44,6 +44,15 @@ def load_tokenizer(source):
     return tok
 
 
+def _number_or_text(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_config_overrides(text):
     """'n_layer=1,n_embd=4096' -> {'n_layer': 1, 'n_embd': 4096}, typed like GPTJConfig's defaults."""
     from transformers import GPTJConfig
@@ -56,7 +65,7 @@ def parse_config_overrides(text):
             raise UserError(f"config override {item!r} is not key=value")
         if key not in defaults:
             raise UserError(f"unknown GPT-J config key {key!r} in --config_overrides")
-        kind = type(defaults[key]) if defaults[key] is not None else str
+        kind = type(defaults[key]) if defaults[key] is not None else _number_or_text
         try:
             overrides[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value)
         except ValueError:

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random GPT-J exported by prepare_model.py, converted once per flag set."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+TINY_CONFIG = "vocab_size=4096,n_layer=2,n_embd=64,n_head=4,rotary_dim=8,n_inner=256,n_positions=256"
+FLAG_SETS = {"fused": [], "itex": ["--itex_mode"], "fused+perf": ["--performance_only"],
+             "itex+perf": ["--itex_mode", "--performance_only"]}
+
+
+def run_script(script, *args, cwd, check=True):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(workdir):
+    """FP32 SavedModel of a random 2-layer GPT-J with the bundled tokenizer."""
+    out = workdir / "tiny-gptj"
+    run_script("prepare_model.py", "--random_init", "--config_overrides", TINY_CONFIG, "--seed", "0",
+               "--tokenizer", REPO / "models" / "gptj-kjv", "--output_dir", out, cwd=workdir)
+    return out
+
+
+_converted = {}
+
+
+@pytest.fixture(scope="session", params=list(FLAG_SETS))
+def converted(request, workdir, tiny_fp32):
+    """(flag set name, converted SavedModel, its output_dir), converted by quantize.py."""
+    name = request.param
+    if name not in _converted:
+        out_dir = workdir / f"output-{name}"
+        model = workdir / f"converted-{name}"
+        run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", model,
+                   "--output_dir", out_dir, "--calib_samples", "16", *FLAG_SETS[name], cwd=workdir)
+        _converted[name] = (name, model, out_dir)
+    return _converted[name]

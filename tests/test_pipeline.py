@@ -1,0 +1,131 @@
+"""The pipeline as a user runs it: pairs in the graph, a SavedModel that plain TF loads and that
+agrees with FP32, the dumps, the benchmark's JSON."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, run_script
+from gptj_int8 import benchmark, data, models, savedmodel
+from gptj_int8.graph import GraphIndex
+
+
+def _graph(path):
+    g = tf.compat.v1.GraphDef()
+    g.ParseFromString(path.read_bytes())
+    return g
+
+
+def _passage_batches(model_dir, n=24):
+    tok = models.load_tokenizer(model_dir)
+    seqs = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, n), 256)
+    return data.batches(seqs, 1, tok.pad_token_id)
+
+
+def test_extracted_graph_keeps_weights_as_variables(converted):
+    _, _, out_dir = converted
+    g = _graph(out_dir / "extracted_graph_def.pb")
+    ops = [n.op for n in g.node]
+    assert ops.count("MatMul") == 2 * 6 + 1          # q, k, v, out, fc_in, fc_out per layer + lm_head
+    assert ops.count("ReadVariableOp") > 0
+    assert "_QuantizedMatMul" not in ops and "QuantizeV2" not in ops
+    # no weight tensor inside the protobuf: every Const is small
+    assert max(n.attr["value"].tensor.ByteSize() for n in g.node if n.op == "Const") < 64 * 1024
+
+
+def test_converted_graph_has_pairs_before_every_dense_matmul_and_float_concat(converted):
+    name, _, out_dir = converted
+    g = _graph(out_dir / "converted_graph_def.pb")
+    index = GraphIndex(g)
+    if "itex" in name:
+        matmuls = [n for n in g.node if n.op == "MatMul"]
+        assert len(matmuls) == 13
+        for n in matmuls:
+            act, weight = index.producer(n.input[0]), index.producer(n.input[1])
+            assert act.op == "Dequantize" and index.producer(act.input[0]).op == "QuantizeV2"
+            assert weight.op == "Dequantize"   # int8 weight variable, dequantized in the graph
+    else:
+        fused = [n for n in g.node if n.op == "_QuantizedMatMul"]
+        assert len(fused) == 13 and not any(n.op == "MatMul" for n in g.node)
+        for n in fused:
+            assert index.producer(n.input[0]).op == "QuantizeV2"
+            assert n.attr["T1"].type == tf.quint8.as_datatype_enum
+            assert n.attr["T2"].type == tf.qint8.as_datatype_enum
+            assert list(n.attr["fused_ops"].list.s) == [b"BiasAdd", b"Dequantize"]
+    float_concats = [n for n in g.node if n.op == "ConcatV2" and n.attr["T"].type == tf.float32.as_datatype_enum]
+    assert len(float_concats) == 2 * 2                # the two rotary concats per layer
+    for n in float_concats:
+        for tensor in n.input[:n.attr["N"].i]:
+            producer = index.producer(tensor)
+            assert producer.op == "Dequantize" and index.producer(producer.input[0]).op == "QuantizeV2"
+    bmm = [n for n in g.node if n.op == "BatchMatMulV2"]
+    assert all(index.producer(i).op == "Dequantize" for n in bmm for i in n.input) == ("perf" in name)
+
+
+def test_converted_model_loads_with_plain_tf_and_agrees_with_fp32(converted, tiny_fp32):
+    _, model, _ = converted
+    fp32 = tf.saved_model.load(str(tiny_fp32)).signatures["serving_default"]
+    int8 = tf.saved_model.load(str(model)).signatures["serving_default"]
+    assert list(int8.structured_outputs) == ["logits"]
+    a, b = [], []
+    for input_ids, attention_mask in _passage_batches(tiny_fp32):
+        feed = dict(input_ids=tf.constant(input_ids), attention_mask=tf.constant(attention_mask))
+        a.append(fp32(**feed)["logits"].numpy()[0])
+        b.append(int8(**feed)["logits"].numpy()[0])
+    a, b = np.concatenate(a), np.concatenate(b)
+    assert benchmark.logit_cosine(a, b) >= 0.99
+
+
+def test_converted_weights_are_int8_and_model_is_smaller(converted, tiny_fp32):
+    _, model, _ = converted
+    reader = tf.train.load_checkpoint(str(model / "variables" / "variables"))
+    dtypes = reader.get_variable_to_dtype_map()
+    shapes = reader.get_variable_to_shape_map()
+    big = [k for k, s in shapes.items() if len(s) == 2]
+    assert big and all(dtypes[k] == tf.int8 for k in big)     # every matrix, embedding included
+    # weights on disk: int8 plus the small FP32 vectors (norms, biases, scales)
+    assert savedmodel.saved_model_size(model / "variables") < 0.3 * savedmodel.saved_model_size(tiny_fp32 / "variables")
+    for f in ("tokenizer.json", "config.json"):
+        assert (model / f).exists()
+
+
+def test_graph_dumps_and_pbtxt(converted, tmp_path):
+    _, model, out_dir = converted
+    proc = run_script("dump_graph_from_saved_model.py", f"--input_model={model}", cwd=tmp_path)
+    assert (tmp_path / "dumped_graph.pb").exists() and "QuantizeV2" in proc.stdout
+    assert len(_graph(tmp_path / "dumped_graph.pb").node) > 100
+    run_script("pb_to_pbtxt.py", "--input", out_dir / "converted_graph_def.pb", "--output",
+               tmp_path / "g.pbtxt", cwd=tmp_path)
+    from google.protobuf import text_format
+    g = text_format.Parse((tmp_path / "g.pbtxt").read_text(), tf.compat.v1.GraphDef())
+    assert len(g.node) == len(_graph(out_dir / "converted_graph_def.pb").node)
+
+
+def test_saved_model_cli_returns_logits(converted):
+    _, model, _ = converted
+    proc = subprocess.run(["saved_model_cli", "run", "--dir", str(model), "--tag_set", "serve",
+                           "--signature_def", "serving_default", "--input_exprs",
+                           "input_ids=[[1,2,3]];attention_mask=[[1,1,1]]"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "logits" in proc.stdout
+
+
+def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, tmp_path):
+    name, model, _ = converted
+    if name != "fused":
+        pytest.skip("one flag set is enough for the benchmark script")
+    proc = run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", model,
+                      "--output_dir", tmp_path, "--num_samples", "20", "--batch_size", "2",
+                      "--warmup", "1", "--iterations", "3", cwd=tmp_path)
+    assert proc.stdout.count("with TF2.x API") == 2
+    for line in ("Batch size = 2", "Accuracy: ", "Latency: ", "Throughput: "):
+        assert line in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    for key in ("original", "converted"):
+        assert set(results[key]) >= {"accuracy", "latency_ms", "throughput", "num_samples"}
+        assert results[key]["num_samples"] == 20
+    assert 0.0 <= results["agreement"] <= 1.0
+    assert (tmp_path / "results.png").stat().st_size > 0
