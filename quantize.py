@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from convert import ConvertSavedModel
-from gptj_int8 import cli, data, models
+from gptj_int8 import cli, data, models, savedmodel
 
 log = logging.getLogger("quantize")
 DEFAULT_MODEL = models.default_export_dir(models.BUNDLED_MODEL)
@@ -33,6 +33,7 @@ def main():
 
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or f"./converted_{input_model.resolve().name}")
+    savedmodel.check_saved_model_dir(input_model)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(output_dir / "quantize.log", mode="w")

@@ -60,6 +60,8 @@ def main():
 
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or f"./converted_{input_model.resolve().name}")
+    for path in (input_model, converted):
+        savedmodel.check_saved_model_dir(path)
     _, original_fn = savedmodel.load_serving_function(input_model)
     _, converted_fn = savedmodel.load_serving_function(converted)
     tokenizer = models.load_tokenizer(input_model)

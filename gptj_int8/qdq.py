@@ -116,12 +116,25 @@ def activation_range(lo, hi):
     return lo, hi
 
 
-def quantize_symmetric(w, axis=None):
-    """int8 weights in [-127, 127] and the absolute maximum they scale to (per `axis` or whole)."""
-    absmax = np.abs(w).max(axis=axis, keepdims=axis is not None).astype(np.float32)
-    absmax = np.maximum(absmax, np.float32(1e-8))
-    q = np.clip(np.rint(w * (np.float32(127.0) / absmax)), -127, 127).astype(np.int8)
-    return q, (absmax if axis is None else absmax.squeeze(axis))
+def quantize_symmetric(w, axis=None, block_elements=1 << 24):
+    """int8 weights in [-127, 127] and the absolute maximum they scale to: one for the whole
+    tensor (axis=None) or one per row (axis=1).
+
+    `w` is a numpy array or a tf.Variable, read in blocks of rows (64 MB of float32 at most), so a
+    50400 x 4096 embedding is never copied whole, nor has a full-size temporary beside it."""
+    rows = max(1, block_elements // max(1, int(np.prod(w.shape[1:]))))
+    blocks = [(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
+    read = lambda i, j: np.asarray(w[i:j], np.float32)
+    if axis is None:
+        absmax = np.float32(max(max(float(np.abs(read(i, j)).max()) for i, j in blocks), 1e-8))
+    else:
+        absmax = np.concatenate([np.abs(read(i, j)).max(axis=1) for i, j in blocks])
+        absmax = np.maximum(absmax, np.float32(1e-8)).astype(np.float32)
+    q = np.empty(w.shape, np.int8)
+    for i, j in blocks:
+        scale = np.float32(127.0) / (absmax if axis is None else absmax[i:j, None])
+        q[i:j] = np.clip(np.rint(read(i, j) * scale), -127, 127)
+    return q, absmax
 
 
 def compensated_int32_bias(bias, q_weight, weight_absmax, lo, hi):
@@ -178,8 +191,7 @@ class _Rewriter:
 
 def _weight_int8(rw, site):
     """Quantize one weight variable to int8 (only this one is copied to numpy at a time)."""
-    w = rw.graph.feeds[site.weight].numpy()
-    q, absmax = quantize_symmetric(w)
+    q, absmax = quantize_symmetric(rw.graph.feeds[site.weight])
     read = rw.add_int8_variable(f"{site.matmul}/weight_int8", q)
     return read, q, absmax
 
@@ -248,8 +260,7 @@ def quantize_embeddings(graph, embeddings):
     """Embedding tables stored int8 with one scale per row; rows are dequantized after the lookup."""
     rw = _Rewriter(graph)
     for gather, holder in embeddings:
-        table = rw.graph.feeds[holder].numpy()
-        q, absmax = quantize_symmetric(table, axis=1)
+        q, absmax = quantize_symmetric(rw.graph.feeds[holder], axis=1)
         old = rw.nodes[gather]
         rw.add_int8_variable(f"{gather}/table_int8", q)
         rw.add_int8_variable(f"{gather}/row_scale", (absmax / 127.0).astype(np.float32))

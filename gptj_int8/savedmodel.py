@@ -55,7 +55,7 @@ class ServingGraph:
         return [v for v in self.feeds.values() if isinstance(v, tf.Variable)]
 
 
-def _check_saved_model_dir(path):
+def check_saved_model_dir(path):
     path = Path(path)
     if not path.exists():
         raise UserError(f"SavedModel folder not found: {path}")
@@ -70,7 +70,7 @@ def load_serving_function(path):
 
     Keep the loaded object alive as long as the function is used: it owns the variables.
     """
-    _check_saved_model_dir(path)
+    check_saved_model_dir(path)
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # TF raises many types for corrupt files
