@@ -135,7 +135,8 @@ def prune(graph):
         if len(kept) != len(node.input):
             del node.input[:]
             node.input.extend(kept)
-    keep = tf.compat.v1.graph_util.extract_sub_graph(graph.graph_def, [graph.output.split(":")[0]])
+    keep = tf.compat.v1.graph_util.extract_sub_graph(
+        graph.graph_def, [graph.output.split(":")[0], *graph.inputs.values()])
     names = {n.name for n in keep.node}
     return dataclasses.replace(graph, graph_def=keep,
                                feeds={k: v for k, v in graph.feeds.items() if k in names})

@@ -1,0 +1,122 @@
+"""The int8 kernels and weight storage, checked against float64 arithmetic, at small sizes; and a
+model whose weights exceed protobuf's 2 GB, converted without them ever entering a GraphDef."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gptj_int8 import calibration, qdq, savedmodel
+from gptj_int8.graph import make_node, make_resource_placeholder
+
+from conftest import REPO  # noqa: F401  (puts the repository on sys.path)
+
+
+def _matmul_graph(x, w, bias=None):
+    """A ServingGraph computing x @ w (+ bias) with w (and bias) held in variables."""
+    nodes = [make_node("Placeholder", "input_ids", [], dtype=tf.int32),
+             make_node("Placeholder", "attention_mask", [], dtype=tf.int32),
+             make_node("Placeholder", "x", [], dtype=tf.float32),
+             make_resource_placeholder("w"),
+             make_node("ReadVariableOp", "w/read", ["w"], dtype=tf.float32),
+             make_node("MatMul", "mm", ["x", "w/read"], T=tf.float32, transpose_a=False, transpose_b=False)]
+    feeds = {"w": tf.Variable(w), "x": tf.constant(x)}
+    out = "mm:0"
+    if bias is not None:
+        nodes += [make_resource_placeholder("b"), make_node("ReadVariableOp", "b/read", ["b"], dtype=tf.float32),
+                  make_node("BiasAdd", "out", ["mm", "b/read"], T=tf.float32)]
+        feeds["b"] = tf.Variable(bias)
+        out = "out:0"
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.node.extend(nodes)
+    return savedmodel.ServingGraph(graph_def, {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+                                   out, feeds)
+
+
+def _run(graph):
+    dummy = tf.zeros([1, 1], tf.int32)
+    return graph.function()(dummy, dummy)[0].numpy()
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.5])   # centred activations, and mostly positive ones
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_int8_matmul_matches_float64(shift, with_bias):
+    rng = np.random.RandomState(0)
+    x = (rng.randn(64, 512) + shift).astype(np.float32)
+    # truncated-normal weights fill the int8 range: the case where int16 pair sums saturate
+    w = np.clip(rng.randn(512, 384) * 0.02, -0.04, 0.04).astype(np.float32)
+    bias = (rng.randn(384) * 0.1).astype(np.float32) if with_bias else None
+    ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if bias is None else bias)
+    graph = _matmul_graph(x, w, bias)
+    sites = qdq.find_matmul_sites(graph)
+    assert len(sites) == 1 and (sites[0].bias_add is not None) == with_bias
+    ranges = {"x": (float(x.min()), float(x.max()))}
+    fused = qdq.fuse_int8_matmuls(graph, sites, ranges)
+    assert [n.op for n in fused.graph_def.node].count("_QuantizedMatMul") == 1
+    out = _run(fused)
+    rel = np.abs(out - ref).mean() / np.abs(ref).mean()
+    assert rel < 0.03, rel
+
+
+def test_qdq_form_matches_float64_and_stores_int8():
+    rng = np.random.RandomState(1)
+    x = rng.randn(32, 256).astype(np.float32)
+    w = (rng.randn(256, 128) * 0.05).astype(np.float32)
+    graph = _matmul_graph(x, w)
+    out_graph = qdq.insert_qdq_pairs(graph, qdq.find_matmul_sites(graph), {"x": (float(x.min()), float(x.max()))})
+    out_graph = savedmodel.prune(out_graph)
+    stored = [v for v in out_graph.variables()]
+    assert [v.dtype for v in stored] == [tf.int8]
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert np.abs(_run(out_graph) - ref).mean() / np.abs(ref).mean() < 0.03
+
+
+def test_symmetric_quantization_in_blocks_equals_whole():
+    rng = np.random.RandomState(2)
+    w = rng.randn(100, 30).astype(np.float32)
+    q_whole, a_whole = qdq.quantize_symmetric(w, axis=1, block_elements=10 ** 9)
+    q_blocks, a_blocks = qdq.quantize_symmetric(tf.Variable(w), axis=1, block_elements=90)
+    np.testing.assert_array_equal(q_whole, q_blocks)
+    np.testing.assert_array_equal(a_whole, a_blocks)
+    assert np.abs(q_whole.astype(np.float32) * (a_whole[:, None] / 127) - w).max() <= a_whole.max() / 254 + 1e-6
+
+
+class _WideModel(tf.Module):
+    """logits = embedding(input_ids) @ W, W being 8192 x 70000 float32 (2.29 GB)."""
+
+    def __init__(self):
+        rng = np.random.RandomState(3)
+        self.emb = tf.Variable(rng.randn(64, 8192).astype(np.float32))
+        self.w = tf.Variable(tf.random.stateless_uniform([8192, 70000], [1, 2], -0.02, 0.02))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+                                  tf.TensorSpec([None, None], tf.int32, name="attention_mask")])
+    def serve(self, input_ids, attention_mask):
+        h = tf.gather(self.emb, input_ids)
+        flat = tf.reshape(h, [-1, 8192])
+        return {"logits": tf.reshape(tf.matmul(flat, self.w), [tf.shape(input_ids)[0], -1, 70000])}
+
+
+def test_model_with_weights_over_2gb_converts(tmp_path):
+    src = tmp_path / "wide"
+    module = _WideModel()
+    assert module.w.shape.num_elements() * 4 > 2 ** 31
+    tf.saved_model.save(module, str(src), signatures={"serving_default": module.serve})
+    del module
+    loaded, fn = savedmodel.load_serving_function(src)
+    graph = savedmodel.extract_serving_graph(loaded, fn)
+    assert graph.graph_def.ByteSize() < 1 << 20           # the weights are not in the protobuf
+    sites = qdq.find_matmul_sites(graph)
+    assert len(sites) == 1
+    ids = np.arange(16, dtype=np.int32)[None]
+    batch = (ids, np.ones_like(ids))
+    ranges = calibration.collect_activation_ranges(graph, [sites[0].activation], [batch])
+    graph = qdq.fuse_int8_matmuls(graph, sites, ranges)
+    graph = savedmodel.prune(qdq.quantize_embeddings(graph, qdq.find_embeddings(graph)))
+    assert graph.graph_def.ByteSize() < 1 << 20
+    dst = savedmodel.save_serving_graph(graph, tmp_path / "wide_int8")
+    assert savedmodel.saved_model_size(dst) < 0.3 * savedmodel.saved_model_size(src)
+    ref = fn(input_ids=tf.constant(ids), attention_mask=tf.constant(batch[1]))["logits"].numpy()
+    del graph, loaded, fn
+    int8 = tf.saved_model.load(str(dst)).signatures["serving_default"]
+    out = int8(input_ids=tf.constant(ids), attention_mask=tf.constant(batch[1]))["logits"].numpy()
+    cos = (out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)
+    assert cos > 0.999, cos
