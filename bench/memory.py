@@ -45,10 +45,10 @@ def main():
         src = common.prepare(f"gptj-6b-width-{n}l", n)
         dst = RUNS / f"converted_gptj-6b-width-{n}l-memory"
         peak, seconds = quantize_peak(src, dst)
-        _, fp32 = savedmodel.load_serving_function(src)
-        _, int8 = savedmodel.load_serving_function(dst)
+        fp32_obj, fp32 = savedmodel.load_serving_function(src)
+        int8_obj, int8 = savedmodel.load_serving_function(dst)
         cos, agree = common.fidelity(fp32, int8, common.timing_batch(src))
-        del fp32, int8
+        del fp32, int8, fp32_obj, int8_obj   # free both models before the next size
         rows.append((n, common.size_gb(src), peak, seconds, common.size_gb(dst), cos, agree))
 
     print("\n| layers | FP32 SavedModel GB | peak RSS of quantize.py GB | peak / model | time s "

@@ -55,15 +55,15 @@ def main():
     for name, n_layer in MODELS:
         fp32_dir = common.prepare(name, n_layer)
         int8_dir = converted(name)
-        _, fp32 = savedmodel.load_serving_function(fp32_dir)
-        _, int8 = savedmodel.load_serving_function(int8_dir)
+        fp32_obj, fp32 = savedmodel.load_serving_function(fp32_dir)
+        int8_obj, int8 = savedmodel.load_serving_function(int8_dir)
         batch = common.timing_batch(fp32_dir)
         cos, agree = common.fidelity(fp32, int8, batch)
         t_fp32, t_int8 = benchmark.time_models([fp32, int8], [batch], args.warmup, args.iterations)
         kernels = int8_kernels(int8_dir)
         rows.append((name, common.median_ms(t_fp32), common.median_ms(t_int8),
                      common.size_gb(fp32_dir), common.size_gb(int8_dir), cos, agree, kernels))
-        del fp32, int8
+        del fp32, int8, fp32_obj, int8_obj   # free both models before the next size
 
     print("\n| model | FP32 ms | INT8 ms | INT8/FP32 speed | FP32 GB | INT8 GB | size ratio "
           "| logit cosine | argmax agreement | int8 kernels (oneDNN) |")
