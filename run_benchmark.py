@@ -3,7 +3,10 @@
     python run_benchmark.py --output_dir=./output
 
 Accuracy is the original example's metric: the argmax of the logits at the position before a
-passage's last token equals that token. The two models are timed call by call in turn, on CPU.
+passage's last token equals that token. LAMBADA's last-word accuracy (every token of the last
+word predicted greedily), 95% confidence intervals, the agreement and KL divergence of the two
+models and a paired test of their accuracy difference are printed after the blocks.
+The two models are timed call by call in turn, on CPU.
 Writes <output_dir>/results.json and <output_dir>/results.png.
 """
 import argparse
@@ -69,18 +72,25 @@ def main():
     sequences = data.encode_passages(tokenizer, data.load_passages(args.dataset, args.num_samples), max_length)
     batches = data.batches(sequences, args.batch_size, tokenizer.pad_token_id)
 
-    logits_a, targets = benchmark.evaluate(original_fn, batches, "FP32")
-    logits_b, _ = benchmark.evaluate(converted_fn, batches, "INT8")
+    logits_a, token_a, word_a = benchmark.evaluate(original_fn, batches, "FP32")
+    logits_b, token_b, word_b = benchmark.evaluate(converted_fn, batches, "INT8")
     seconds = benchmark.time_models([original_fn, converted_fn], batches, args.warmup, args.iterations)
 
     results = {}
-    for name, logits, secs in (("original", logits_a, seconds[0]), ("converted", logits_b, seconds[1])):
+    for name, token_hits, word_hits, secs in (("original", token_a, word_a, seconds[0]),
+                                              ("converted", token_b, word_b, seconds[1])):
         latency = float(np.mean(secs))
-        results[name] = {"accuracy": float(np.mean(logits.argmax(-1) == targets)),
-                         "latency_ms": latency * 1000, "throughput": args.batch_size / latency,
-                         "num_samples": len(targets)}
+        n = len(token_hits)
+        results[name] = {"accuracy": float(token_hits.mean()),
+                         "accuracy_ci95": benchmark.wilson_interval(int(token_hits.sum()), n),
+                         "last_word_accuracy": float(word_hits.mean()),
+                         "last_word_accuracy_ci95": benchmark.wilson_interval(int(word_hits.sum()), n),
+                         "num_samples": n,
+                         "latency_ms": latency * 1000, "throughput": args.batch_size / latency}
     results["agreement"] = benchmark.argmax_agreement(logits_a, logits_b)
     results["logit_cosine"] = benchmark.logit_cosine(logits_a, logits_b)
+    results["kl_divergence"] = benchmark.mean_kl_divergence(logits_a, logits_b)
+    results["accuracy_diff_pvalue"] = benchmark.mcnemar_pvalue(token_a, token_b)
     results["speedup"] = results["original"]["latency_ms"] / results["converted"]["latency_ms"]
     results["size_mb"] = {"original": savedmodel.saved_model_size(input_model) / 1e6,
                           "converted": savedmodel.saved_model_size(converted) / 1e6}
@@ -96,9 +106,17 @@ def main():
     print()
     print_block("converted gpt-j", args.batch_size, results["converted"])
     print()
-    print(f"Agreement with FP32: {results['agreement'] * 100:.3f}%  "
-          f"logit cosine: {results['logit_cosine']:.5f}  speed-up: {results['speedup']:.2f}x  "
-          f"size: {results['size_mb']['converted']:.1f} MB vs {results['size_mb']['original']:.1f} MB")
+    for name in ("original", "converted"):
+        r = results[name]
+        print(f"{name:>9}: last-token accuracy {r['accuracy'] * 100:.2f}% "
+              f"(95% CI {r['accuracy_ci95'][0] * 100:.2f}-{r['accuracy_ci95'][1] * 100:.2f}), "
+              f"last-word accuracy {r['last_word_accuracy'] * 100:.2f}% "
+              f"(95% CI {r['last_word_accuracy_ci95'][0] * 100:.2f}-{r['last_word_accuracy_ci95'][1] * 100:.2f}), "
+              f"n={r['num_samples']}")
+    print(f"INT8 vs FP32: agreement {results['agreement'] * 100:.2f}%, logit cosine {results['logit_cosine']:.5f}, "
+          f"KL {results['kl_divergence']:.5f} nats, accuracy difference p={results['accuracy_diff_pvalue']:.3f} "
+          f"(McNemar), speed-up {results['speedup']:.2f}x, "
+          f"size {results['size_mb']['converted']:.1f} MB vs {results['size_mb']['original']:.1f} MB")
 
 
 if __name__ == "__main__":

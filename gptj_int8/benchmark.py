@@ -6,37 +6,43 @@ import tensorflow as tf
 from tqdm import tqdm
 
 
-def last_token_logits(fn, batch):
-    """Logits at the position before each row's last token: the prediction of the last token."""
-    input_ids, attention_mask = batch
-    logits = fn(input_ids=tf.constant(input_ids), attention_mask=tf.constant(attention_mask))["logits"]
-    before_last = attention_mask.sum(axis=1) - 2
-    return logits.numpy()[np.arange(len(input_ids)), before_last]
+def score_batch(fn, batch):
+    """For each passage of a batch: the logits that predict its last token, whether that argmax
+    is the last token (the original example's metric), and whether every token of the last word
+    is the argmax at its position (LAMBADA's last-word metric, greedy, as lm-evaluation-harness)."""
+    input_ids, attention_mask, word_lengths = batch
+    logits = fn(input_ids=tf.constant(input_ids), attention_mask=tf.constant(attention_mask))["logits"].numpy()
+    lengths = attention_mask.sum(axis=1)
+    rows = np.arange(len(input_ids))
+    last = logits[rows, lengths - 2]
+    token_hit = last.argmax(-1) == input_ids[rows, lengths - 1]
+    word_hit = np.array([np.array_equal(logits[r, lengths[r] - 1 - k:lengths[r] - 1].argmax(-1),
+                                        input_ids[r, lengths[r] - k:lengths[r]])
+                         for r, k in zip(rows, word_lengths)])
+    return last, token_hit, word_hit
 
 
 def evaluate(fn, batches, desc="evaluating"):
-    """(last-token logits of every passage [n, vocab], targets [n]), in passage order."""
-    logits, targets = [], []
-    for batch in tqdm(batches, desc=desc, unit="batch"):
-        logits.append(last_token_logits(fn, batch))
-        targets.append(batch[0][np.arange(len(batch[0])), batch[1].sum(axis=1) - 1])
-    return np.concatenate(logits), np.concatenate(targets)
+    """(last-token logits [n, vocab], last-token hits [n], last-word hits [n]) in passage order."""
+    parts = [score_batch(fn, b) for b in tqdm(batches, desc=desc, unit="batch")]
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _call(fn, batch):
+    fn(input_ids=tf.constant(batch[0]), attention_mask=tf.constant(batch[1]))["logits"].numpy()
 
 
 def time_models(fns, batches, warmup, iterations):
     """Seconds per call of each function, interleaved call by call over `batches` (cycled),
     so that a noisy machine slows every model alike."""
-    def call(fn, batch):
-        fn(input_ids=tf.constant(batch[0]), attention_mask=tf.constant(batch[1]))["logits"].numpy()
-
     for i in range(warmup):
         for fn in fns:
-            call(fn, batches[i % len(batches)])
+            _call(fn, batches[i % len(batches)])
     seconds = [[] for _ in fns]
     for i in tqdm(range(iterations), desc="timing", unit="it"):
         for fn, out in zip(fns, seconds):
             start = time.perf_counter()
-            call(fn, batches[i % len(batches)])
+            _call(fn, batches[i % len(batches)])
             out.append(time.perf_counter() - start)
     return [np.array(s) for s in seconds]
 
@@ -48,3 +54,33 @@ def logit_cosine(a, b):
 
 def argmax_agreement(a, b):
     return float(np.mean(a.reshape(-1, a.shape[-1]).argmax(-1) == b.reshape(-1, b.shape[-1]).argmax(-1)))
+
+
+def wilson_interval(hits, n, z=1.959964):
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return [0.0, 0.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(centre - half), float(centre + half)]
+
+
+def mean_kl_divergence(logits_p, logits_q):
+    """Mean KL(p || q) in nats of the softmax distributions, row by row."""
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(logits_p), log_softmax(logits_q)
+    return float(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
+
+
+def mcnemar_pvalue(hits_a, hits_b):
+    """Exact two-sided McNemar test of paired hits: the p-value that both models are equally
+    accurate, from the passages where exactly one of them is right."""
+    from scipy.stats import binomtest
+    only_a = int(np.sum(hits_a & ~hits_b))
+    only_b = int(np.sum(~hits_a & hits_b))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)

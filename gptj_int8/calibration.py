@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def collect_activation_ranges(graph, tensors, batches):
-    """{tensor name: (min, max)} over all `batches` of (input_ids, attention_mask)."""
+    """{tensor name: (min, max)} over all `batches` of (input_ids, attention_mask, ...)."""
     tensors = sorted(set(tensors))
     run = graph.function(fetches=tensors)
 
@@ -25,7 +25,7 @@ def collect_activation_ranges(graph, tensors, batches):
 
     lo = np.full(len(tensors), np.inf, np.float64)
     hi = np.full(len(tensors), -np.inf, np.float64)
-    for input_ids, attention_mask in tqdm(batches, desc="calibrating", unit="batch"):
+    for input_ids, attention_mask, *_ in tqdm(batches, desc="calibrating", unit="batch"):
         b_lo, b_hi = extremes(tf.constant(input_ids), tf.constant(attention_mask))
         lo = np.minimum(lo, b_lo.numpy())
         hi = np.maximum(hi, b_hi.numpy())

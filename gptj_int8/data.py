@@ -56,19 +56,30 @@ def load_passages(dataset, limit=None):
 
 
 def encode_passages(tokenizer, texts, max_length):
-    """Token ids per passage, keeping the last `max_length` tokens (the target is at the end).
-    Passages of fewer than two tokens cannot be scored and are dropped, with a count."""
+    """(token ids, number of tokens of the last word) per passage.
+
+    The context and the last word (with its leading space) are encoded apart and joined, as
+    lm-evaluation-harness does for LAMBADA; with GPT-J's BPE that equals encoding the whole text.
+    Passages longer than `max_length` keep their last tokens (the target is at the end); a passage
+    whose context would be empty cannot be scored and is dropped. Both are counted in the log."""
     encoded, truncated = [], 0
-    for ids in tokenizer(texts)["input_ids"]:
+    for text in texts:
+        context, _, word = text.rstrip().rpartition(" ")
+        ids = tokenizer(context)["input_ids"]
+        target = tokenizer(" " + word)["input_ids"]
+        ids = ids + target
         if len(ids) > max_length:
             ids, truncated = ids[-max_length:], truncated + 1
-        if len(ids) >= 2:
-            encoded.append(ids)
+        if len(ids) > len(target):
+            encoded.append((ids, len(target)))
     if truncated:
         log.info("%d of %d passages were longer than %d tokens and were cut at the front",
                  truncated, len(texts), max_length)
+    if len(encoded) < len(texts):
+        log.info("%d passages had no context before their last word and were skipped",
+                 len(texts) - len(encoded))
     if not encoded:
-        raise UserError("no passage has at least two tokens")
+        raise UserError("no passage has a context before its last word")
     return encoded
 
 
@@ -83,5 +94,11 @@ def pad_batch(sequences, pad_id):
     return input_ids, attention_mask
 
 
-def batches(sequences, batch_size, pad_id):
-    return [pad_batch(sequences[i:i + batch_size], pad_id) for i in range(0, len(sequences), batch_size)]
+def batches(encoded, batch_size, pad_id):
+    """Right-padded (input_ids, attention_mask, target lengths) batches of encode_passages' output."""
+    out = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        input_ids, attention_mask = pad_batch([ids for ids, _ in chunk], pad_id)
+        out.append((input_ids, attention_mask, np.array([n for _, n in chunk])))
+    return out

@@ -70,7 +70,7 @@ def test_converted_model_loads_with_plain_tf_and_agrees_with_fp32(converted, tin
     int8 = tf.saved_model.load(str(model)).signatures["serving_default"]
     assert list(int8.structured_outputs) == ["logits"]
     a, b = [], []
-    for input_ids, attention_mask in _passage_batches(tiny_fp32):
+    for input_ids, attention_mask, _ in _passage_batches(tiny_fp32):
         feed = dict(input_ids=tf.constant(input_ids), attention_mask=tf.constant(attention_mask))
         a.append(fp32(**feed)["logits"].numpy()[0])
         b.append(int8(**feed)["logits"].numpy()[0])
@@ -125,7 +125,12 @@ def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, 
         assert line in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     for key in ("original", "converted"):
-        assert set(results[key]) >= {"accuracy", "latency_ms", "throughput", "num_samples"}
-        assert results[key]["num_samples"] == 20
+        r = results[key]
+        assert set(r) >= {"accuracy", "accuracy_ci95", "last_word_accuracy", "last_word_accuracy_ci95",
+                          "latency_ms", "throughput", "num_samples"}
+        assert r["num_samples"] == 20
+        assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+        assert r["last_word_accuracy"] <= r["accuracy"]   # a whole-word hit includes its last token
     assert 0.0 <= results["agreement"] <= 1.0
+    assert results["kl_divergence"] >= 0.0 and 0.0 <= results["accuracy_diff_pvalue"] <= 1.0
     assert (tmp_path / "results.png").stat().st_size > 0
