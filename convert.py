@@ -5,6 +5,10 @@ Edit the flags in __init__ to change the defaults (quantize.py's flags override 
                                    # for TensorFlow to fuse; stock TensorFlow runs them as fake
                                    # quantization. False: fuse them into oneDNN int8 kernels.
     self.performance_only = False  # True: also put pairs before the attention BatchMatMulV2s.
+    self.per_channel = True        # one int8 scale per output column of each weight (False: one
+                                   # per weight matrix).
+    self.smooth_quant = False      # True: SmoothQuant, activation outliers moved into the weights
+    self.sq_alpha = 0.5            # SmoothQuant's migration strength, 0 (none) to 1 (all)
 """
 import logging
 from pathlib import Path
@@ -21,13 +25,18 @@ SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special
 
 class ConvertSavedModel:
     def __init__(self, src, dst, calibration_batches, output_dir="./output",
-                 itex_mode=None, performance_only=None):
+                 itex_mode=None, performance_only=None, per_channel=None, smooth_quant=None, sq_alpha=None):
         self.itex_mode = False
         self.performance_only = False
-        if itex_mode is not None:
-            self.itex_mode = itex_mode
-        if performance_only is not None:
-            self.performance_only = performance_only
+        self.per_channel = True
+        self.smooth_quant = False
+        self.sq_alpha = 0.5
+        # flags given by the caller (quantize.py's command line) override the defaults above
+        for name, value in (("itex_mode", itex_mode), ("performance_only", performance_only),
+                            ("per_channel", per_channel), ("smooth_quant", smooth_quant),
+                            ("sq_alpha", sq_alpha)):
+            if value is not None:
+                setattr(self, name, value)
         self.src = Path(src)
         self.dst = Path(dst)
         self.output_dir = Path(output_dir)
@@ -45,16 +54,19 @@ class ConvertSavedModel:
         sites = qdq.find_matmul_sites(graph)
         pair_ops = ["ConcatV2"] + (["BatchMatMulV2"] if self.performance_only else [])
         pair_inputs = qdq.find_pair_inputs(graph, pair_ops)
-        log.info("quantizing %d MatMuls and %d inputs of %s (itex_mode=%s)",
-                 len(sites), len(pair_inputs), "/".join(pair_ops), self.itex_mode)
+        log.info("quantizing %d MatMuls and %d inputs of %s (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
+                 len(sites), len(pair_inputs), "/".join(pair_ops), self.itex_mode, self.per_channel,
+                 self.smooth_quant and self.sq_alpha)
         ranges = calibration.collect_activation_ranges(
             graph, [s.activation for s in sites] + [t for _, _, t in pair_inputs], self.calibration_batches)
 
         graph = qdq.insert_input_pairs(graph, pair_inputs, ranges)
+        if self.smooth_quant:
+            graph, sites, ranges = qdq.smooth_activations(graph, sites, ranges, self.sq_alpha)
         if self.itex_mode:
-            graph = qdq.insert_qdq_pairs(graph, sites, ranges)
+            graph = qdq.insert_qdq_pairs(graph, sites, ranges, self.per_channel)
         else:
-            graph = qdq.fuse_int8_matmuls(graph, sites, ranges)
+            graph = qdq.fuse_int8_matmuls(graph, sites, ranges, self.per_channel)
         graph = qdq.quantize_embeddings(graph, qdq.find_embeddings(graph))
         graph = savedmodel.prune(graph)
         savedmodel.write_graph_def(graph.graph_def, self.output_dir / "converted_graph_def.pb")

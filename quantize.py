@@ -29,8 +29,15 @@ def main():
                    help="keep QDQ pairs for Intel Extension for TensorFlow instead of fused int8 kernels")
     p.add_argument("--performance_only", action=argparse.BooleanOptionalAction, default=None,
                    help="also put pairs before the attention BatchMatMulV2s")
+    p.add_argument("--per_channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="one weight scale per output column (--no-per_channel: one per matrix)")
+    p.add_argument("--smooth_quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="SmoothQuant: move activation outliers into the weights before quantizing")
+    p.add_argument("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1]")
     args = p.parse_args()
 
+    if args.sq_alpha is not None and not 0.0 <= args.sq_alpha <= 1.0:
+        raise cli.UserError(f"--sq_alpha must be within [0, 1], got {args.sq_alpha}")
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or f"./converted_{input_model.resolve().name}")
     savedmodel.check_saved_model_dir(input_model)
@@ -45,7 +52,9 @@ def main():
     sequences = data.encode_passages(tokenizer, passages, models.context_length(input_model))
     log.info("calibrating on %d passages of %s", len(sequences), args.dataset)
     converter = ConvertSavedModel(input_model, converted, data.batches(sequences, 1, tokenizer.pad_token_id),
-                                  output_dir, itex_mode=args.itex_mode, performance_only=args.performance_only)
+                                  output_dir, itex_mode=args.itex_mode, performance_only=args.performance_only,
+                                  per_channel=args.per_channel, smooth_quant=args.smooth_quant,
+                                  sq_alpha=args.sq_alpha)
     converter()
 
 

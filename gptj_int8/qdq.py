@@ -32,6 +32,7 @@ class MatMulSite:
     weight: str               # placeholder bound to the FP32 weight variable
     bias_add: str = None      # BiasAdd after the Dense's Tensordot reshape, fused when present
     bias: str = None          # placeholder bound to the bias variable
+    row_scale: np.ndarray = None   # SmoothQuant factors, multiplied into the weight's rows
 
 
 def _variable_placeholder(index, graph, tensor):
@@ -116,24 +117,47 @@ def activation_range(lo, hi):
     return lo, hi
 
 
+def _row_blocks(w, block_elements=1 << 24):
+    """(start, stop) of blocks of rows of `w` holding at most `block_elements` values each."""
+    rows = max(1, block_elements // max(1, int(np.prod(w.shape[1:]))))
+    return [(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
+
+
+def _read(w, i, j):
+    return np.asarray(w[i:j], np.float32)
+
+
+def absolute_max(w, axis=None, block_elements=1 << 24):
+    """max |w| of the whole tensor (axis=None), of each row (axis=1) or of each column (axis=0),
+    read in blocks of rows."""
+    blocks = _row_blocks(w, block_elements)
+    if axis is None:
+        return np.float32(max(float(np.abs(_read(w, i, j)).max()) for i, j in blocks))
+    if axis == 1:
+        return np.concatenate([np.abs(_read(w, i, j)).max(axis=1) for i, j in blocks])
+    out = np.zeros(w.shape[1], np.float32)
+    for i, j in blocks:
+        out = np.maximum(out, np.abs(_read(w, i, j)).max(axis=0))
+    return out
+
+
 def quantize_symmetric(w, axis=None, block_elements=1 << 24):
     """int8 weights in [-127, 127] and the absolute maximum they scale to: one for the whole
-    tensor (axis=None) or one per row (axis=1).
+    tensor (axis=None), one per row (axis=1, reduced along the row) or one per column (axis=0).
 
-    `w` is a numpy array or a tf.Variable, read in blocks of rows (64 MB of float32 at most), so a
-    50400 x 4096 embedding is never copied whole, nor has a full-size temporary beside it."""
-    rows = max(1, block_elements // max(1, int(np.prod(w.shape[1:]))))
-    blocks = [(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
-    read = lambda i, j: np.asarray(w[i:j], np.float32)
-    if axis is None:
-        absmax = np.float32(max(max(float(np.abs(read(i, j)).max()) for i, j in blocks), 1e-8))
-    else:
-        absmax = np.concatenate([np.abs(read(i, j)).max(axis=1) for i, j in blocks])
-        absmax = np.maximum(absmax, np.float32(1e-8)).astype(np.float32)
+    `w` is a numpy array, a tf.Variable or anything with `.shape` and row slicing, read in blocks
+    of rows (64 MB of float32 at most), so a 50400 x 4096 embedding is never copied whole, nor has
+    a full-size temporary beside it."""
+    absmax = np.maximum(absolute_max(w, axis, block_elements), np.float32(1e-8)).astype(np.float32)
     q = np.empty(w.shape, np.int8)
-    for i, j in blocks:
-        scale = np.float32(127.0) / (absmax if axis is None else absmax[i:j, None])
-        q[i:j] = np.clip(np.rint(read(i, j) * scale), -127, 127)
+    for i, j in _row_blocks(w, block_elements):
+        if axis is None:
+            scale = np.float32(127.0) / absmax
+        elif axis == 1:
+            scale = np.float32(127.0) / absmax[i:j, None]
+        else:
+            scale = np.float32(127.0) / absmax[None, :]
+        q[i:j] = np.clip(np.rint(_read(w, i, j) * scale), -127, 127)
     return q, absmax
 
 
@@ -144,6 +168,50 @@ def compensated_int32_bias(bias, q_weight, weight_absmax, lo, hi):
     scale_w = 127.0 / float(weight_absmax)
     column_sums = q_weight.sum(axis=0, dtype=np.int64).astype(np.float64)
     return np.rint(bias.astype(np.float64) * scale_a * scale_w + column_sums * np.rint(lo * scale_a)).astype(np.int32)
+
+
+##### SmoothQuant #####
+
+
+class _ScaledRows:
+    """A weight whose row k reads multiplied by scale[k], block by block."""
+
+    def __init__(self, weight, scale):
+        self.weight, self.scale, self.shape = weight, scale, tuple(weight.shape)
+
+    def __getitem__(self, rows):
+        return np.asarray(self.weight[rows], np.float32) * self.scale[rows, None]
+
+
+def smooth_activations(graph, sites, ranges, alpha):
+    """SmoothQuant: move activation outliers into the weights.
+
+    Each tensor entering MatMuls gets channel k divided by
+    s_k = max|x_k|^alpha / max|w_k|^(1 - alpha) (max over the rows k of all weights it feeds) by a
+    Mul in the graph, and those weights get row k multiplied by s_k when they are quantized.
+    The product is unchanged; the activation's range, which int8 must cover, shrinks.
+    Returns the graph, the sites (now fed by the smoothed tensors) and their ranges."""
+    rw = _Rewriter(graph)
+    channels, ranges = ranges.channels, dict(ranges)
+    groups = {}
+    for site in sites:
+        groups.setdefault(site.activation, []).append(site)
+    smoothed = []
+    for activation, group in groups.items():
+        lo, hi = channels[activation]
+        x_max = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
+        w_max = np.max([absolute_max(rw.graph.feeds[s.weight], axis=1) for s in group], axis=0).astype(np.float64)
+        scale = np.where((x_max > 0) & (w_max > 0),
+                         x_max ** alpha / np.maximum(w_max, 1e-8) ** (1 - alpha), 1.0)
+        scale = np.clip(scale, 1e-5, 1e5).astype(np.float32)
+        name = f"{node_name(activation)}/smooth"
+        rw.add(make_const(f"{name}/inverse_scale", (1.0 / scale).astype(np.float32), tf.float32),
+               make_node("Mul", name, [activation, f"{name}/inverse_scale"], T=tf.float32))
+        ranges[name] = (float((lo / scale).min()), float((hi / scale).max()))
+        for site in group:
+            rw.replace_input(site.matmul, 0, name)
+            smoothed.append(dataclasses.replace(site, activation=name, row_scale=scale))
+    return rw.finish(), smoothed, ranges
 
 
 ##### Graph rewriting #####
@@ -189,32 +257,43 @@ class _Rewriter:
         return self.graph
 
 
-def _weight_int8(rw, site):
-    """Quantize one weight variable to int8 (only this one is copied to numpy at a time)."""
-    q, absmax = quantize_symmetric(rw.graph.feeds[site.weight])
+def _weight_int8(rw, site, per_channel):
+    """Quantize one weight variable to int8, per tensor or per output column (only this one
+    weight is read, in blocks); returns its int8 read, the int8 values and the scale(s)."""
+    weight = rw.graph.feeds[site.weight]
+    if site.row_scale is not None:
+        weight = _ScaledRows(weight, site.row_scale)
+    q, absmax = quantize_symmetric(weight, axis=0 if per_channel else None)
     read = rw.add_int8_variable(f"{site.matmul}/weight_int8", q)
     return read, q, absmax
 
 
-def fuse_int8_matmuls(graph, sites, ranges):
-    """Each site's MatMul (+ BiasAdd) becomes `_QuantizedMatMul` u8 x s8 -> float."""
+def fuse_int8_matmuls(graph, sites, ranges, per_channel=False):
+    """Each site's MatMul (+ BiasAdd) becomes `_QuantizedMatMul` u8 x s8 -> float.
+
+    The kernel takes one weight scale. Per-channel weights are quantized column by column to
+    the full int8 range; the kernel is told the largest scale, and a Mul by each column's share
+    of it follows (the bias is divided by the same share, so the Mul restores it too)."""
     rw = _Rewriter(graph)
     for site in sites:
         lo, hi = activation_range(*ranges[site.activation])
         hi = lo + (hi - lo) * 255.0 / (ACTIVATION_LEVELS - 1)   # the u8 range that gives those levels
-        read, q, absmax = _weight_int8(rw, site)
+        read, q, absmax = _weight_int8(rw, site, per_channel)
         bias = (rw.graph.feeds[site.bias].numpy() if site.bias
                 else np.zeros(q.shape[1], np.float32))
+        top = float(np.max(absmax))
+        share = absmax / top
         name = site.matmul
+        kernel = f"{name}/int8" if per_channel else name
         rw.add(make_const(f"{name}/min_a", lo, tf.float32),
                make_const(f"{name}/max_a", hi, tf.float32),
                make_node("QuantizeV2", f"{name}/quantize", [site.activation, f"{name}/min_a", f"{name}/max_a"],
                          T=tf.quint8, mode="MIN_FIRST", ensure_minimum_range=0.0),
                make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
-               make_const(f"{name}/bias_int32", compensated_int32_bias(bias, q, absmax, lo, hi), tf.qint32),
-               make_const(f"{name}/min_b", -float(absmax), tf.float32),
-               make_const(f"{name}/max_b", float(absmax), tf.float32),
-               make_node("_QuantizedMatMul", name,
+               make_const(f"{name}/bias_int32", compensated_int32_bias(bias / share, q, top, lo, hi), tf.qint32),
+               make_const(f"{name}/min_b", -top, tf.float32),
+               make_const(f"{name}/max_b", top, tf.float32),
+               make_node("_QuantizedMatMul", kernel,
                          [f"{name}/quantize", f"{name}/weight_qint8", f"{name}/bias_int32",
                           f"{name}/quantize:1", f"{name}/quantize:2", f"{name}/min_b", f"{name}/max_b"],
                          T1=tf.quint8, T2=tf.qint8, Tbias=tf.qint32, Tout=tf.float32, U=tf.float32,
@@ -223,26 +302,29 @@ def fuse_int8_matmuls(graph, sites, ranges):
                          Thost_outputs=[tf.float32], fused_ops=["BiasAdd", "Dequantize"],
                          input_quant_mode="MIN_FIRST", output_quant_mode="SCALED",
                          transpose_a=False, transpose_b=False, is_weight_const=True, is_bias_const=True))
+        if per_channel:
+            rw.add(make_const(f"{name}/column_scale", share.astype(np.float32), tf.float32),
+                   make_node("Mul", name, [kernel, f"{name}/column_scale"], T=tf.float32))
         if site.bias_add:   # the bias now lives in the fused kernel
             old = rw.nodes[site.bias_add]
             rw.add(make_node("Identity", site.bias_add, [old.input[0]], T=tf.float32))
     return rw.finish()
 
 
-def insert_qdq_pairs(graph, sites, ranges):
+def insert_qdq_pairs(graph, sites, ranges, per_channel=False):
     """QDQ before each site's MatMul activation; the weight stored int8, dequantized in-graph."""
     rw = _Rewriter(graph)
     for site in sites:
         lo, hi = activation_range(*ranges[site.activation])
         rw.replace_input(site.matmul, 0, rw.qdq_pair(f"{site.matmul}/input", site.activation, lo, hi))
-        read, _, absmax = _weight_int8(rw, site)
+        read, _, absmax = _weight_int8(rw, site, per_channel)
         name = site.matmul
         rw.add(make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
-               make_const(f"{name}/min_b", -float(absmax), tf.float32),
-               make_const(f"{name}/max_b", float(absmax), tf.float32),
+               make_const(f"{name}/min_b", -absmax, tf.float32),
+               make_const(f"{name}/max_b", absmax, tf.float32),
                make_node("Dequantize", f"{name}/weight_dequantize",
                          [f"{name}/weight_qint8", f"{name}/min_b", f"{name}/max_b"],
-                         T=tf.qint8, mode="SCALED", dtype=tf.float32))
+                         T=tf.qint8, mode="SCALED", dtype=tf.float32, axis=1 if per_channel else -1))
         rw.replace_input(site.matmul, 1, f"{name}/weight_dequantize")
     return rw.finish()
 

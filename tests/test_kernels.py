@@ -38,30 +38,34 @@ def _run(graph):
 
 @pytest.mark.parametrize("shift", [0.0, 1.5])   # centred activations, and mostly positive ones
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_int8_matmul_matches_float64(shift, with_bias):
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_int8_matmul_matches_float64(shift, with_bias, per_channel):
     rng = np.random.RandomState(0)
     x = (rng.randn(64, 512) + shift).astype(np.float32)
     # truncated-normal weights fill the int8 range: the case where int16 pair sums saturate
     w = np.clip(rng.randn(512, 384) * 0.02, -0.04, 0.04).astype(np.float32)
+    w *= np.linspace(0.1, 2.0, 384, dtype=np.float32)   # columns of different ranges
     bias = (rng.randn(384) * 0.1).astype(np.float32) if with_bias else None
     ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if bias is None else bias)
     graph = _matmul_graph(x, w, bias)
     sites = qdq.find_matmul_sites(graph)
     assert len(sites) == 1 and (sites[0].bias_add is not None) == with_bias
     ranges = {"x": (float(x.min()), float(x.max()))}
-    fused = qdq.fuse_int8_matmuls(graph, sites, ranges)
+    fused = qdq.fuse_int8_matmuls(graph, sites, ranges, per_channel=per_channel)
     assert [n.op for n in fused.graph_def.node].count("_QuantizedMatMul") == 1
     out = _run(fused)
     rel = np.abs(out - ref).mean() / np.abs(ref).mean()
     assert rel < 0.03, rel
 
 
-def test_qdq_form_matches_float64_and_stores_int8():
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdq_form_matches_float64_and_stores_int8(per_channel):
     rng = np.random.RandomState(1)
     x = rng.randn(32, 256).astype(np.float32)
-    w = (rng.randn(256, 128) * 0.05).astype(np.float32)
+    w = (rng.randn(256, 128) * 0.05).astype(np.float32) * np.linspace(0.1, 2.0, 128, dtype=np.float32)
     graph = _matmul_graph(x, w)
-    out_graph = qdq.insert_qdq_pairs(graph, qdq.find_matmul_sites(graph), {"x": (float(x.min()), float(x.max()))})
+    out_graph = qdq.insert_qdq_pairs(graph, qdq.find_matmul_sites(graph), {"x": (float(x.min()), float(x.max()))},
+                                     per_channel=per_channel)
     out_graph = savedmodel.prune(out_graph)
     stored = [v for v in out_graph.variables()]
     assert [v.dtype for v in stored] == [tf.int8]
@@ -76,6 +80,9 @@ def test_symmetric_quantization_in_blocks_equals_whole():
     q_blocks, a_blocks = qdq.quantize_symmetric(tf.Variable(w), axis=1, block_elements=90)
     np.testing.assert_array_equal(q_whole, q_blocks)
     np.testing.assert_array_equal(a_whole, a_blocks)
+    q_cols, a_cols = qdq.quantize_symmetric(tf.Variable(w), axis=0, block_elements=90)
+    np.testing.assert_array_equal(a_cols, np.abs(w).max(axis=0))
+    assert np.abs(q_cols.astype(np.float32) * (a_cols[None, :] / 127) - w).max() <= a_cols.max() / 254 + 1e-6
     assert np.abs(q_whole.astype(np.float32) * (a_whole[:, None] / 127) - w).max() <= a_whole.max() / 254 + 1e-6
 
 
@@ -120,3 +127,26 @@ def test_model_with_weights_over_2gb_converts(tmp_path):
     out = int8(input_ids=tf.constant(ids), attention_mask=tf.constant(batch[1]))["logits"].numpy()
     cos = (out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)
     assert cos > 0.999, cos
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_smooth_quant_keeps_the_product_and_tames_an_outlier_channel(fuse):
+    rng = np.random.RandomState(4)
+    x = rng.randn(64, 256).astype(np.float32)
+    x[:, 7] *= 60.0                                   # one outlier channel, as in LLM activations
+    w = (rng.randn(256, 128) * 0.05).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    graph = _matmul_graph(x, w)
+    dummy = (np.zeros((1, 1), np.int32),) * 2
+    sites = qdq.find_matmul_sites(graph)
+    ranges = calibration.collect_activation_ranges(graph, [sites[0].activation], [dummy])
+    errors = {}
+    for alpha in (None, 0.5):
+        g = savedmodel.ServingGraph(graph.graph_def.__deepcopy__(), graph.inputs, graph.output, dict(graph.feeds))
+        s, r = sites, ranges
+        if alpha is not None:
+            g, s, r = qdq.smooth_activations(g, sites, ranges, alpha)
+            assert r[s[0].activation][1] < ranges["x"][1] / 5          # the range int8 must cover shrank
+        g = (qdq.fuse_int8_matmuls if fuse else qdq.insert_qdq_pairs)(g, s, r)
+        errors[alpha] = np.abs(_run(g) - ref).mean() / np.abs(ref).mean()
+    assert errors[0.5] < 0.5 * errors[None], errors
