@@ -34,6 +34,11 @@ def main():
     p.add_argument("--smooth_quant", action=argparse.BooleanOptionalAction, default=None,
                    help="SmoothQuant: move activation outliers into the weights before quantizing")
     p.add_argument("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1]")
+    p.add_argument("--max_accuracy_drop", type=float, default=None,
+                   help="keep the most harmful MatMuls in FP32 until the last-token accuracy drop "
+                        "(points) on held-out passages of --dataset is within this bound")
+    p.add_argument("--holdout_samples", type=cli.positive_int, default=200,
+                   help="passages after the calibration ones, for --max_accuracy_drop")
     args = p.parse_args()
 
     if args.sq_alpha is not None and not 0.0 <= args.sq_alpha <= 1.0:
@@ -48,13 +53,19 @@ def main():
     logging.getLogger().addHandler(handler)
 
     tokenizer = models.load_tokenizer(input_model)
-    passages = data.load_passages(args.dataset, args.calib_samples)
+    wanted = args.calib_samples + (args.holdout_samples if args.max_accuracy_drop is not None else 0)
+    passages = data.load_passages(args.dataset, wanted)
     sequences = data.encode_passages(tokenizer, passages, models.context_length(input_model))
-    log.info("calibrating on %d passages of %s", len(sequences), args.dataset)
-    converter = ConvertSavedModel(input_model, converted, data.batches(sequences, 1, tokenizer.pad_token_id),
+    calib, holdout = sequences[:args.calib_samples], sequences[args.calib_samples:]
+    if args.max_accuracy_drop is not None and not holdout:
+        raise cli.UserError(f"--max_accuracy_drop needs passages beyond the {args.calib_samples} "
+                            f"calibration ones in {args.dataset}")
+    log.info("calibrating on %d passages of %s", len(calib), args.dataset)
+    converter = ConvertSavedModel(input_model, converted, data.batches(calib, 1, tokenizer.pad_token_id),
                                   output_dir, itex_mode=args.itex_mode, performance_only=args.performance_only,
                                   per_channel=args.per_channel, smooth_quant=args.smooth_quant,
-                                  sq_alpha=args.sq_alpha)
+                                  sq_alpha=args.sq_alpha, max_accuracy_drop=args.max_accuracy_drop,
+                                  holdout_batches=data.batches(holdout, 8, tokenizer.pad_token_id))
     converter()
 
 

@@ -27,7 +27,7 @@ def collect_activation_ranges(graph, tensors, batches):
     tensors = sorted(set(tensors))
     run = graph.function(fetches=tensors)
 
-    @tf.function(autograph=False)
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)] * 2, autograph=False)
     def extremes(input_ids, attention_mask):
         values = run(input_ids, attention_mask)
         flat = [tf.reshape(v, [-1, tf.shape(v)[-1]]) for v in values]

@@ -18,6 +18,7 @@ from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 from tensorflow.python.grappler import tf_optimizer
 
 from .cli import UserError
+from .graph import node_name
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,16 @@ class ServingGraph:
             return tf.graph_util.import_graph_def(graph_def, input_map=input_map,
                                                   return_elements=fetches, name="model")
         return run
+
+    def serving_fn(self):
+        """The graph as a serving function: fn(input_ids=..., attention_mask=...) -> {"logits": ...}."""
+        run = self.function()
+        return lambda input_ids, attention_mask: {OUTPUT: run(input_ids, attention_mask)[0]}
+
+    def copy(self):
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.CopyFrom(self.graph_def)
+        return dataclasses.replace(self, graph_def=graph_def, feeds=dict(self.feeds))
 
     def variables(self):
         return [v for v in self.feeds.values() if isinstance(v, tf.Variable)]
@@ -135,9 +146,17 @@ def prune(graph):
         if len(kept) != len(node.input):
             del node.input[:]
             node.input.extend(kept)
-    keep = tf.compat.v1.graph_util.extract_sub_graph(
-        graph.graph_def, [graph.output.split(":")[0], *graph.inputs.values()])
-    names = {n.name for n in keep.node}
+    nodes = {n.name: n for n in graph.graph_def.node}
+    names, stack = set(), [node_name(graph.output), *graph.inputs.values()]
+    while stack:
+        name = stack.pop()
+        if name not in names:
+            names.add(name)
+            stack.extend(node_name(i) for i in nodes[name].input)
+    keep = tf.compat.v1.GraphDef()
+    keep.versions.CopyFrom(graph.graph_def.versions)
+    keep.library.CopyFrom(graph.graph_def.library)
+    keep.node.extend(n for n in graph.graph_def.node if n.name in names)
     return dataclasses.replace(graph, graph_def=keep,
                                feeds={k: v for k, v in graph.feeds.items() if k in names})
 
