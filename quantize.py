@@ -25,6 +25,8 @@ def main():
     p.add_argument("--dataset", default=str(data.CALIBRATION_SET),
                    help="calibration text: JSONL with a 'text' field, or a hub id such as EleutherAI/lambada_openai")
     p.add_argument("--calib_samples", type=cli.positive_int, default=100, help="calibration passages")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --converted_model even if it is not a SavedModel")
     p.add_argument("--itex_mode", action=argparse.BooleanOptionalAction, default=None,
                    help="keep QDQ pairs for Intel Extension for TensorFlow instead of fused int8 kernels")
     p.add_argument("--performance_only", action=argparse.BooleanOptionalAction, default=None,
@@ -46,6 +48,8 @@ def main():
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or f"./converted_{input_model.resolve().name}")
     savedmodel.check_saved_model_dir(input_model)
+    if converted.exists() and not (converted / "saved_model.pb").exists() and not args.overwrite:
+        raise cli.UserError(f"{converted} exists and is not a SavedModel; pass --overwrite to replace it")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(output_dir / "quantize.log", mode="w")

@@ -190,6 +190,11 @@ def save_serving_graph(graph, out_dir, extra_files=()):
     """
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    need = sum(v.shape.num_elements() * v.dtype.size for v in graph.variables()) + graph.graph_def.ByteSize()
+    free = shutil.disk_usage(out_dir.parent).free
+    if need * 1.1 + (64 << 20) > free:
+        raise UserError(f"not enough disk space for {out_dir}: about {need / 1e9:.2f} GB needed, "
+                        f"{free / 1e9:.2f} GB free")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         module = tf.Module()

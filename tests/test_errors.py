@@ -76,14 +76,31 @@ def test_unknown_config_override(tmp_path):
     _fails_cleanly(proc, "n_layers")
 
 
+def test_existing_folder_that_is_not_a_model_is_not_replaced(tmp_path, tiny_fp32):
+    target = tmp_path / "documents"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", target,
+                      "--output_dir", tmp_path / "out", cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "--overwrite")
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_output_inside_the_input_model_is_refused(tmp_path, tiny_fp32):
+    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", tiny_fp32 / "int8",
+                      "--output_dir", tmp_path / "out", cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "inside the input model")
+    assert not (tiny_fp32 / "int8").exists()
+
+
 def test_failed_run_leaves_existing_converted_model_untouched(tmp_path, tiny_fp32):
     target = tmp_path / "converted"
     target.mkdir()
-    (target / "keep.txt").write_text("previous model")
+    (target / "saved_model.pb").write_text("previous model")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x"}) + "\n")
     proc = run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", target,
                       "--dataset", bad, "--output_dir", tmp_path / "out", cwd=tmp_path, check=False)
     _fails_cleanly(proc)
-    assert (target / "keep.txt").read_text() == "previous model"
+    assert (target / "saved_model.pb").read_text() == "previous model"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".converted")] == []
