@@ -166,7 +166,7 @@ def write_graph_def(graph_def, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(graph_def.SerializeToString())
+    tmp.write_bytes(graph_def.SerializeToString(deterministic=True))
     os.replace(tmp, path)
 
 

@@ -1,0 +1,52 @@
+"""Reruns give the same model; an interrupted conversion leaves the previous one intact."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from conftest import REPO, run_script
+
+
+def _variables(model):
+    reader = tf.train.load_checkpoint(str(model / "variables" / "variables"))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in k}
+
+
+def test_same_inputs_give_the_same_model(tmp_path, tiny_fp32):
+    outs = []
+    for run in ("a", "b"):
+        run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", tmp_path / f"int8-{run}",
+                   "--output_dir", tmp_path / f"out-{run}", "--calib_samples", "8", cwd=tmp_path)
+        outs.append(run)
+    graphs = [(tmp_path / f"out-{r}" / "converted_graph_def.pb").read_bytes() for r in outs]
+    assert graphs[0] == graphs[1]
+    va, vb = (_variables(tmp_path / f"int8-{r}") for r in outs)
+    assert va.keys() == vb.keys()
+    for k in va:
+        np.testing.assert_array_equal(va[k], vb[k])
+
+
+def test_interrupted_conversion_keeps_the_previous_model(tmp_path, tiny_fp32):
+    target = tmp_path / "converted"
+    run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", target,
+               "--output_dir", tmp_path / "out", "--calib_samples", "4", cwd=tmp_path)
+    before = _variables(target)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "quantize.py"), "--input_model", str(tiny_fp32),
+                             "--converted_model", str(target), "--output_dir", str(tmp_path / "out"),
+                             "--calib_samples", "300"], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:                     # wait until it is busy calibrating
+        if "calibrating" in line:
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    after = _variables(target)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted")]
