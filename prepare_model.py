@@ -42,11 +42,12 @@ def main():
 
     if args.random_init:
         log.info("building a random GPT-J (%s), seed %d", overrides or "GPT-J-6B's shape", args.seed)
+        from transformers import GPTJConfig
         tokenizer = models.load_tokenizer(args.tokenizer) if args.tokenizer else models.gpt2_bpe_tokenizer()
+        vocab_size = GPTJConfig(**overrides).vocab_size
+        if vocab_size < len(tokenizer):
+            raise cli.UserError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
         model = models.random_gptj(overrides, args.seed)
-        if model.config.vocab_size < len(tokenizer):
-            raise cli.UserError(f"vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
-                                f"{len(tokenizer)} tokens")
     else:
         log.info("loading %s", args.model)
         model = models.pretrained_gptj(args.model)
