@@ -285,17 +285,19 @@ def fuse_int8_matmuls(graph, sites, ranges, per_channel=False):
         share = absmax / top
         name = site.matmul
         kernel = f"{name}/int8" if per_channel else name
-        rw.add(make_const(f"{name}/min_a", lo, tf.float32),
-               make_const(f"{name}/max_a", hi, tf.float32),
-               make_node("QuantizeV2", f"{name}/quantize", [site.activation, f"{name}/min_a", f"{name}/max_a"],
+        # one QuantizeV2 per tensor, shared by every MatMul that reads it
+        quantized = f"{node_name(site.activation)}/quantize_u8"
+        rw.add(make_const(f"{quantized}/min", lo, tf.float32),
+               make_const(f"{quantized}/max", hi, tf.float32),
+               make_node("QuantizeV2", quantized, [site.activation, f"{quantized}/min", f"{quantized}/max"],
                          T=tf.quint8, mode="MIN_FIRST", ensure_minimum_range=0.0),
                make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
                make_const(f"{name}/bias_int32", compensated_int32_bias(bias / share, q, top, lo, hi), tf.qint32),
                make_const(f"{name}/min_b", -top, tf.float32),
                make_const(f"{name}/max_b", top, tf.float32),
                make_node("_QuantizedMatMul", kernel,
-                         [f"{name}/quantize", f"{name}/weight_qint8", f"{name}/bias_int32",
-                          f"{name}/quantize:1", f"{name}/quantize:2", f"{name}/min_b", f"{name}/max_b"],
+                         [quantized, f"{name}/weight_qint8", f"{name}/bias_int32",
+                          f"{quantized}:1", f"{quantized}:2", f"{name}/min_b", f"{name}/max_b"],
                          T1=tf.quint8, T2=tf.qint8, Tbias=tf.qint32, Tout=tf.float32, U=tf.float32,
                          Tdevice_inputs=[], Tdevice_outputs=[],
                          Thost_inputs=[tf.quint8, tf.qint8, tf.qint32] + [tf.float32] * 4,
