@@ -22,6 +22,14 @@ class Ranges(dict):
         super().__init__({t: (float(lo.min()), float(hi.max())) for t, (lo, hi) in channels.items()})
 
 
+def _merge(pick, seen, batch):
+    """Channel-wise extreme; a tensor whose last axis changes with the input (attention scores
+    over the sequence) has no fixed channels and keeps a single value."""
+    if seen.shape != batch.shape:
+        return pick(pick.reduce(seen, keepdims=True), pick.reduce(batch, keepdims=True))
+    return pick(seen, batch)
+
+
 def collect_activation_ranges(graph, tensors, batches):
     """Ranges of `tensors` over all `batches` of (input_ids, attention_mask, ...)."""
     tensors = sorted(set(tensors))
@@ -37,8 +45,8 @@ def collect_activation_ranges(graph, tensors, batches):
     for input_ids, attention_mask, *_ in tqdm(batches, desc="calibrating", unit="batch"):
         b_lo, b_hi = extremes(tf.constant(input_ids), tf.constant(attention_mask))
         b_lo, b_hi = [v.numpy() for v in b_lo], [v.numpy() for v in b_hi]
-        lo = b_lo if lo is None else [np.minimum(a, b) for a, b in zip(lo, b_lo)]
-        hi = b_hi if hi is None else [np.maximum(a, b) for a, b in zip(hi, b_hi)]
+        lo = b_lo if lo is None else [_merge(np.minimum, a, b) for a, b in zip(lo, b_lo)]
+        hi = b_hi if hi is None else [_merge(np.maximum, a, b) for a, b in zip(hi, b_hi)]
     if lo is None:
         raise ValueError("calibration saw no batches")
     return Ranges({t: (a, b) for t, a, b in zip(tensors, lo, hi)})

@@ -13,8 +13,11 @@ inner width 1024, 256 positions, no dropout: 5.3M parameters, a 21 MB fp32 tf_mo
 Training: random 128-token windows, batch 16, Adam (global norm clip 1.0), linear
 warmup then cosine decay, one CPU thread, fixed seeds: rerunning gives the same model.
 
-Measured run (defaults, 1 thread of an AMD EPYC core): see training_log.json beside the
-model; the figures are repeated in models/gptj-kjv/README.md.
+Measured run (defaults, one thread of a 2-core AMD EPYC, TF 2.21, transformers 4.57.6):
+900,403 training tokens, 2200 steps (about 5 epochs) in 49 min, 1.1-1.5 s a step; final
+train loss 2.87 (mean of the last 100 steps); on the 1500 evaluation passages the FP32
+model predicts the last token in 37.5% and the whole last word in 31.4%. The figures of
+each run go to training_log.json and README.md beside the model.
 
     python data/kjv_lambada/prepare.py
     python models/train_gptj_kjv.py
