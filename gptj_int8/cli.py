@@ -32,6 +32,7 @@ def run(main):
     """Run a script's main(): UserError becomes 'error: ...' on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)   # its saving chatter, once per variable
     try:
         main()
     except UserError as e:
