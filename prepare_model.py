@@ -36,7 +36,7 @@ def main():
     overrides = models.parse_config_overrides(args.config_overrides)
     if overrides and not args.random_init:
         raise cli.UserError("--config_overrides applies only with --random_init")
-    out = Path(args.output_dir or (f"./gptj-random" if args.random_init else models.default_export_dir(args.model)))
+    out = Path(args.output_dir or ("./gptj-random" if args.random_init else models.default_export_dir(args.model)))
     if out.exists() and not args.overwrite:
         raise cli.UserError(f"{out} exists; pass --overwrite to replace it")
 

@@ -7,7 +7,7 @@ the median of --iterations calls), so machine noise hits both alike. ONEDNN_VERB
 process, tells which int8 kernels ran.
 """
 import argparse
-import re
+import os
 import subprocess
 import sys
 
@@ -33,7 +33,7 @@ def int8_kernels(model_dir):
             "b = common.timing_batch(%r); f(input_ids=tf.constant(b[0]), attention_mask=tf.constant(b[1]))"
             % (str(common.REPO / "bench"), str(model_dir), str(model_dir)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**__import__("os").environ, "ONEDNN_VERBOSE": "1",
+                         env={**os.environ, "ONEDNN_VERBOSE": "1",
                               "PYTHONPATH": str(common.REPO)}).stdout
     kernels = {}
     for line in out.splitlines():
@@ -48,7 +48,6 @@ def main():
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
-    import tensorflow as tf
     from gptj_int8 import benchmark, savedmodel
 
     rows = []

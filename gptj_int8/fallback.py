@@ -2,8 +2,6 @@
 until INT8 is within a bound of FP32 on held-out passages."""
 import logging
 
-import numpy as np
-
 from . import benchmark
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,6 @@ import tensorflow as tf
 from gptj_int8 import calibration, qdq, savedmodel
 from gptj_int8.graph import make_node, make_resource_placeholder
 
-from conftest import REPO  # noqa: F401  (puts the repository on sys.path)
-
 
 def _matmul_graph(x, w, bias=None):
     """A ServingGraph computing x @ w (+ bias) with w (and bias) held in variables."""

@@ -3,8 +3,6 @@ import numpy as np
 
 from gptj_int8 import benchmark, data
 
-from conftest import REPO  # noqa: F401
-
 
 def _fake_model(logits):
     import tensorflow as tf
@@ -43,7 +41,7 @@ def test_kl_and_mcnemar():
 
 def test_encode_passages_splits_the_last_word():
     from gptj_int8 import models
-    tok = models.load_tokenizer(REPO / "models" / "gptj-kjv")
+    tok = models.load_tokenizer(models.BUNDLED_MODEL)
     (ids, n), = data.encode_passages(tok, ["and the LORD spake unto Moses"], 256)
     assert tok.decode(ids[-n:]) == " Moses"
     assert tok.decode(ids) == "and the LORD spake unto Moses"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_script
+from conftest import run_script
 from gptj_int8 import benchmark, data, models, savedmodel
 from gptj_int8.graph import GraphIndex
 
