@@ -10,11 +10,9 @@ The tokenizer and config are written beside the SavedModel, so later steps need 
 """
 import argparse
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
-from gptj_int8 import cli, models
+from gptj_int8 import cli, models, savedmodel
 
 log = logging.getLogger("prepare_model")
 
@@ -30,15 +28,16 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed of --random_init")
     p.add_argument("--tokenizer", default=None,
                    help="with --random_init: a folder with tokenizer files (default GPT-J's BPE)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output_dir even if it is not a SavedModel (one is replaced anyway)")
     args = p.parse_args()
 
     overrides = models.parse_config_overrides(args.config_overrides)
     if overrides and not args.random_init:
         raise cli.UserError("--config_overrides applies only with --random_init")
     out = Path(args.output_dir or ("./gptj-random" if args.random_init else models.default_export_dir(args.model)))
-    if out.exists() and not args.overwrite:
-        raise cli.UserError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not (out / "saved_model.pb").exists() and not args.overwrite:
+        raise cli.UserError(f"{out} exists and is not a SavedModel; pass --overwrite to replace it")
 
     if args.random_init:
         log.info("building a random GPT-J (%s), seed %d", overrides or "GPT-J-6B's shape", args.seed)
@@ -55,17 +54,10 @@ def main():
     n_params = sum(int(v.shape.num_elements()) for v in model.variables)
     log.info("exporting %.1fM parameters to %s", n_params / 1e6, out)
 
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
+    with savedmodel.atomic_folder(out) as tmp:
         models.export_saved_model(model, tmp)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s", out)
 
 

@@ -1,6 +1,7 @@
 """What every script shares: one clear error line for bad input, logging, argument types."""
 import argparse
 import logging
+import signal
 import sys
 
 
@@ -33,6 +34,8 @@ def run(main):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)   # its saving chatter, once per variable
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except UserError as e:

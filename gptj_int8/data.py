@@ -17,15 +17,20 @@ HUB_SPLIT = "test"   # EleutherAI/lambada_openai has only a test split
 
 
 def _check_jsonl(path):
+    if path.is_dir():
+        raise UserError(f"expected a dataset file, got a folder: {path}")
     if not path.is_file():
         raise UserError(f"dataset file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except UnicodeDecodeError:
+        raise UserError(f"dataset file is not JSON lines (not UTF-8 text): {path}")
     if not first.strip():
         raise UserError(f"dataset file is empty: {path}")
     try:
         row = json.loads(first)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"dataset file is not JSON lines: {path}")
     if not isinstance(row, dict) or "text" not in row:
         raise UserError(f"dataset rows have no 'text' field: {path}")

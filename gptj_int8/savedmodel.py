@@ -6,13 +6,14 @@ its logits tensor, and `feeds`, which binds each captured placeholder of the gra
 variable (or small constant) it stands for. Weights never enter the protobuf, so a model of any
 size fits, and swapping a weight for its int8 form is a change of `feeds`.
 """
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+import psutil
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 from tensorflow.python.grappler import tf_optimizer
@@ -172,6 +173,8 @@ def write_graph_def(graph_def, path):
 
 def read_graph_def(path):
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"expected a .pb file, got a folder: {path}")
     if not path.is_file():
         raise UserError(f"graph file not found: {path}")
     graph_def = tf.compat.v1.GraphDef()
@@ -182,21 +185,52 @@ def read_graph_def(path):
     return graph_def
 
 
+def _remove_stale_temporaries(out_dir):
+    """Remove what a killed run (SIGKILL, power loss) left beside `out_dir`: its temporary folder
+    carries the pid of the process that wrote it, so only those of dead processes go."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            log.info("removing %s, left by an interrupted run", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir):
+    """Yield a temporary folder beside `out_dir`; when the block completes it replaces `out_dir`,
+    when it fails (or is interrupted) it is removed and `out_dir` stays as it was."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_serving_graph(graph, out_dir, extra_files=()):
     """Rebuild a SavedModel from `graph`: serving_default(input_ids, attention_mask) -> logits.
 
-    Written next to `out_dir` under a temporary name and renamed when complete, so a failed run
-    leaves an existing model untouched. `extra_files` (tokenizer, config) are copied beside it.
-    """
+    Written through atomic_folder, so a failed run leaves an existing model untouched.
+    `extra_files` (tokenizer, config) are copied beside it."""
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     need = sum(v.shape.num_elements() * v.dtype.size for v in graph.variables()) + graph.graph_def.ByteSize()
-    free = shutil.disk_usage(out_dir.parent).free
+    free = shutil.disk_usage(out_dir.parent if out_dir.parent.exists() else Path.cwd()).free
     if need * 1.1 + (64 << 20) > free:
         raise UserError(f"not enough disk space for {out_dir}: about {need / 1e9:.2f} GB needed, "
                         f"{free / 1e9:.2f} GB free")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         module = tf.Module()
         module.weights = graph.variables()
         run = graph.function()
@@ -209,17 +243,6 @@ def save_serving_graph(graph, out_dir, extra_files=()):
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: serving})
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -104,3 +104,84 @@ def test_failed_run_leaves_existing_converted_model_untouched(tmp_path, tiny_fp3
     _fails_cleanly(proc)
     assert (target / "saved_model.pb").read_text() == "previous model"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".converted")] == []
+
+
+@pytest.fixture(scope="module")
+def wrong_signature_model(tmp_path_factory):
+    """A SavedModel whose serving_default takes `tokens` and returns `scores`."""
+    path = tmp_path_factory.mktemp("wrongsig") / "model"
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
+    def serve(tokens):
+        return {"scores": tf.cast(tokens, tf.float32)}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+    return path
+
+
+def test_signature_without_the_expected_inputs(tmp_path, wrong_signature_model):
+    proc = run_script("dump_graph_from_saved_model.py", "--input_model", wrong_signature_model,
+                      cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "input_ids")
+
+
+def test_file_where_a_folder_is_expected(tmp_path):
+    f = tmp_path / "model.pb"
+    f.write_bytes(b"x")
+    proc = run_script("dump_graph_from_saved_model.py", "--input_model", f, cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "got a file")
+
+
+def test_folder_where_a_file_is_expected(tmp_path, tiny_fp32):
+    proc = run_script("pb_to_pbtxt.py", "--input", tmp_path, cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "got a folder")
+    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--dataset", tmp_path, cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "got a folder")
+
+
+@pytest.mark.parametrize("content, words", [(None, "not found"), ("", "empty"),
+                                             ("this is not json\n", "not JSON lines")])
+def test_bad_dataset_files(tmp_path, tiny_fp32, content, words):
+    path = tmp_path / "set.jsonl"
+    if content is not None:
+        path.write_text(content)
+    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--dataset", path, cwd=tmp_path, check=False)
+    _fails_cleanly(proc, words)
+
+
+@pytest.mark.parametrize("flag, value", [("--num_samples", "0"), ("--batch_size", "-2"),
+                                          ("--iterations", "ten"), ("--warmup", "-1")])
+def test_bad_numbers(tmp_path, flag, value):
+    proc = run_script("run_benchmark.py", flag, value, cwd=tmp_path, check=False)
+    _fails_cleanly(proc, flag)
+
+
+def test_passages_longer_than_the_context_are_cut_and_counted(tmp_path, tiny_fp32):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": " ".join(["word"] * 400) + " end"}) + "\n"
+                    + json.dumps({"text": "a short passage that ends"}) + "\n")
+    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--dataset", long, "--converted_model",
+                      tmp_path / "int8", "--output_dir", tmp_path / "out", cwd=tmp_path)
+    assert "1 of 2 passages were longer than 256 tokens" in proc.stderr
+
+
+def test_not_enough_disk_space(tmp_path, monkeypatch):
+    import shutil
+    from gptj_int8 import cli, savedmodel
+    graph = savedmodel.ServingGraph(tf.compat.v1.GraphDef(), {}, "x:0", {"w": tf.Variable(tf.zeros([1000]))})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
+    with pytest.raises(cli.UserError, match="not enough disk space"):
+        savedmodel.save_serving_graph(graph, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_killed_conversion_leaves_nothing_behind_after_the_next_run(tmp_path, tiny_fp32):
+    target = tmp_path / "converted"
+    stale = tmp_path / ".converted.tmp-999999999"     # what a SIGKILLed writer leaves
+    stale.mkdir()
+    (stale / "variables").mkdir()
+    run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", target,
+               "--output_dir", tmp_path / "out", "--calib_samples", "2", cwd=tmp_path)
+    assert (target / "saved_model.pb").exists() and not stale.exists()

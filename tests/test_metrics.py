@@ -45,3 +45,39 @@ def test_encode_passages_splits_the_last_word():
     (ids, n), = data.encode_passages(tok, ["and the LORD spake unto Moses"], 256)
     assert tok.decode(ids[-n:]) == " Moses"
     assert tok.decode(ids) == "and the LORD spake unto Moses"
+
+
+class _FakeGraph:
+    """Stands in for a ServingGraph whose quantized sites are `quantized`: it predicts the right
+    last token unless the harmful site is quantized, and is slightly off for the mild one."""
+
+    def __init__(self, quantized=()):
+        self.quantized = {s.matmul for s in quantized}
+
+    def serving_fn(self):
+        import tensorflow as tf
+
+        def fn(input_ids, attention_mask):
+            ids = input_ids.numpy()
+            logits = np.zeros(ids.shape + (8,), np.float32)
+            for r, row in enumerate(ids):
+                for t in range(len(row) - 1):
+                    logits[r, t, row[t + 1]] = 5.0
+                    if "harmful" in self.quantized and r % 2 == 0:
+                        logits[r, t, (row[t + 1] + 1) % 8] = 9.0
+                    if "mild" in self.quantized:
+                        logits[r, t, 0] += 0.1
+            return {"logits": tf.constant(logits)}
+        return fn
+
+
+def test_fallback_keeps_the_harmful_matmul_in_fp32():
+    from gptj_int8 import fallback, qdq
+    sites = [qdq.MatMulSite(name, "x", "w") for name in ("mild", "harmful", "harmless")]
+    batches = data.batches([([1, 2, 3, 4], 1), ([2, 3, 4, 5], 1), ([3, 4, 5, 6], 1), ([4, 5, 6, 7], 1)],
+                           2, 0)
+    kept = fallback.choose_fp32_sites(_FakeGraph(), sites, lambda g, chosen: _FakeGraph(chosen),
+                                      batches, max_drop=0.5)
+    assert [s.matmul for s in kept] == ["harmful"]
+    assert fallback.choose_fp32_sites(_FakeGraph(), sites, lambda g, chosen: _FakeGraph(chosen),
+                                      batches, max_drop=60.0) == []
