@@ -44,8 +44,10 @@ def write_chart(results, path):
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def main():

@@ -68,6 +68,12 @@ def test_unreadable_pb(tmp_path):
     bad.write_bytes(b"\x0a\xff\xff\xff garbage")
     proc = run_script("pb_to_pbtxt.py", "--input", bad, cwd=tmp_path, check=False)
     _fails_cleanly(proc, "not a GraphDef")
+    graph = tf.function(lambda x: tf.nn.relu(x) * 2.0 + 1.0).get_concrete_function(
+        tf.TensorSpec([None, 8], tf.float32)).graph.as_graph_def()
+    whole = graph.SerializeToString()
+    bad.write_bytes(whole[:len(whole) // 2])            # truncated mid-message
+    proc = run_script("pb_to_pbtxt.py", "--input", bad, cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "not a GraphDef")
 
 
 def test_unknown_config_override(tmp_path):
@@ -112,7 +118,7 @@ def wrong_signature_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("wrongsig") / "model"
     module = tf.Module()
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")], autograph=False)
     def serve(tokens):
         return {"scores": tf.cast(tokens, tf.float32)}
 

@@ -1,4 +1,5 @@
 """Reruns give the same model; an interrupted conversion leaves the previous one intact."""
+import json
 import os
 import signal
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from conftest import REPO, run_script
@@ -50,3 +52,21 @@ def test_interrupted_conversion_keeps_the_previous_model(tmp_path, tiny_fp32):
     after = _variables(target)
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted")]
+
+
+def test_benchmark_accuracy_is_the_same_on_reruns(tmp_path, tiny_fp32, converted):
+    name, model, _ = converted
+    if name != "fused":
+        pytest.skip("one flag set is enough")
+    results = []
+    for run in ("a", "b"):
+        run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", model,
+                   "--output_dir", tmp_path / run, "--num_samples", "30", "--batch_size", "4",
+                   "--warmup", "0", "--iterations", "1", cwd=tmp_path)
+        results.append(json.loads((tmp_path / run / "results.json").read_text()))
+    a, b = results
+    for key in ("agreement", "logit_cosine", "kl_divergence", "accuracy_diff_pvalue"):
+        assert a[key] == b[key]
+    for name in ("original", "converted"):
+        for key in ("accuracy", "last_word_accuracy", "num_samples"):
+            assert a[name][key] == b[name][key]
