@@ -117,16 +117,11 @@ def extract_serving_graph(loaded, fn):
     """The serving function as a ServingGraph (weights bound to the loaded variables)."""
     variables = {id(v.handle): v for v in tf.train.TrackableView(loaded).descendants()
                  if isinstance(v, tf.Variable)}
-    feeds = {}
-    for external, internal in fn.graph.captures:
-        name = internal.op.name
-        feeds[name] = variables.get(id(external), external)
+    # a captured tensor that is no variable (a small constant) is fed as it is
+    feeds = {internal.op.name: variables.get(id(external), external) for external, internal in fn.graph.captures}
     graph_def = _inline_functions(fn)
-    flat_outputs = tf.nest.flatten(fn.structured_outputs, expand_composites=True)
-    keys = sorted(fn.structured_outputs)  # nest flattens dicts in sorted key order
-    output = fn.outputs[keys.index(OUTPUT)].name if len(flat_outputs) == len(fn.outputs) else None
-    if output is None:
-        raise UserError(f"cannot locate the '{OUTPUT}' tensor of '{SIGNATURE}'")
+    # a signature's outputs are its dict of tensors flattened in sorted key order
+    output = fn.outputs[sorted(fn.structured_outputs).index(OUTPUT)].name
     inputs = {}
     for key in INPUTS:
         spec = fn.structured_input_signature[1][key]

@@ -44,20 +44,6 @@ def test_saved_model_without_serving_default(tmp_path, no_signature_model, tiny_
     _fails_cleanly(proc, "serving_default")
 
 
-def test_dataset_without_usable_passages(tmp_path, tiny_fp32):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join(json.dumps({"text": t}) for t in ["", "one", "   "]) + "\n")
-    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--dataset", bad, cwd=tmp_path, check=False)
-    _fails_cleanly(proc, "no usable passages")
-
-
-def test_dataset_without_text_field(tmp_path, tiny_fp32):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"sentence": "a b c"}) + "\n")
-    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--dataset", bad, cwd=tmp_path, check=False)
-    _fails_cleanly(proc, "'text'")
-
-
 def test_zero_calibration_samples(tmp_path, tiny_fp32):
     proc = run_script("quantize.py", "--input_model", tiny_fp32, "--calib_samples", "0", cwd=tmp_path, check=False)
     _fails_cleanly(proc, "positive integer")
@@ -147,8 +133,11 @@ def test_folder_where_a_file_is_expected(tmp_path, tiny_fp32):
     _fails_cleanly(proc, "got a folder")
 
 
-@pytest.mark.parametrize("content, words", [(None, "not found"), ("", "empty"),
-                                             ("this is not json\n", "not JSON lines")])
+@pytest.mark.parametrize("content, words", [
+    (None, "not found"), ("", "empty"), ("this is not json\n", "not JSON lines"),
+    (json.dumps({"sentence": "a b c"}) + "\n", "'text'"),
+    ("\n".join(json.dumps({"text": t}) for t in ["", "one", "   "]) + "\n", "no usable passages"),
+])
 def test_bad_dataset_files(tmp_path, tiny_fp32, content, words):
     path = tmp_path / "set.jsonl"
     if content is not None:
