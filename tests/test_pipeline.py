@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_script
+from conftest import FLAG_SETS, run_script
 from gptj_int8 import benchmark, data, models, savedmodel
 from gptj_int8.graph import GraphIndex
 
@@ -137,20 +137,22 @@ def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, 
 
 
 @pytest.fixture(scope="module")
-def bundled_pair(workdir):
-    """The bundled trained model exported with prepare_model.py's defaults and quantized with
-    quantize.py's defaults, as the README's main command does."""
-    run_script("prepare_model.py", "--overwrite", cwd=workdir)
-    run_script("quantize.py", "--output_dir", workdir / "output-bundled", cwd=workdir)
-    return workdir / "gptj-kjv", workdir / "converted_gptj-kjv"
+def bundled_fp32(workdir):
+    """The bundled trained model exported with prepare_model.py's defaults, as the README's
+    main command does."""
+    run_script("prepare_model.py", cwd=workdir)
+    return workdir / "gptj-kjv"
 
 
-def test_bundled_model_int8_keeps_accuracy_and_agrees_with_fp32(bundled_pair):
-    fp32_dir, int8_dir = bundled_pair
-    tok = models.load_tokenizer(fp32_dir)
+@pytest.mark.parametrize("flags", list(FLAG_SETS))
+def test_bundled_model_int8_keeps_accuracy_and_agrees_with_fp32(bundled_fp32, workdir, flags):
+    int8_dir = workdir / f"converted_gptj-kjv-{flags}"
+    run_script("quantize.py", "--input_model", bundled_fp32, "--converted_model", int8_dir,
+               "--output_dir", workdir / f"output-bundled-{flags}", *FLAG_SETS[flags], cwd=workdir)
+    tok = models.load_tokenizer(bundled_fp32)
     encoded = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, 300), 256)
     batches = data.batches(encoded, 8, tok.pad_token_id)
-    _, fp32 = savedmodel.load_serving_function(fp32_dir)
+    _, fp32 = savedmodel.load_serving_function(bundled_fp32)
     _, int8 = savedmodel.load_serving_function(int8_dir)
     logits_a, token_a, _ = benchmark.evaluate(fp32, batches)
     logits_b, token_b, _ = benchmark.evaluate(int8, batches)
