@@ -20,6 +20,7 @@ SETTINGS = [
     ("performance_only", ["--performance_only"]),
     ("itex_mode (QDQ, fake quant on stock TF)", ["--itex_mode"]),
     ("fallback, max drop 0.5", ["--max_accuracy_drop", "0.5"]),
+    ("itex_mode + performance_only", ["--itex_mode", "--performance_only"]),
 ]
 
 
