@@ -12,7 +12,6 @@ QDQ pairs in both forms, as there is no int8 kernel for them in stock TensorFlow
 """
 import dataclasses
 import logging
-
 from pathlib import Path
 
 import numpy as np
