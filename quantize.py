@@ -46,7 +46,7 @@ def main():
     if args.sq_alpha is not None and not 0.0 <= args.sq_alpha <= 1.0:
         raise cli.UserError(f"--sq_alpha must be within [0, 1], got {args.sq_alpha}")
     input_model = Path(args.input_model)
-    converted = Path(args.converted_model or f"./converted_{input_model.resolve().name}")
+    converted = Path(args.converted_model or models.default_converted_dir(input_model))
     savedmodel.check_saved_model_dir(input_model)
     if converted.exists() and not (converted / "saved_model.pb").exists() and not args.overwrite:
         raise cli.UserError(f"{converted} exists and is not a SavedModel; pass --overwrite to replace it")

@@ -64,7 +64,7 @@ def main():
     args = p.parse_args()
 
     input_model = Path(args.input_model)
-    converted = Path(args.converted_model or f"./converted_{input_model.resolve().name}")
+    converted = Path(args.converted_model or models.default_converted_dir(input_model))
     for path in (input_model, converted):
         savedmodel.check_saved_model_dir(path)
     _, original_fn = savedmodel.load_serving_function(input_model)

