@@ -134,25 +134,26 @@ def prune(graph):
     """Drop every node the logits do not depend on (e.g. reads of weights replaced by int8).
 
     Inlining leaves control edges from every variable read to the function's output; they only
-    order reads, and they would keep the replaced FP32 weights alive, so they go first.
-    """
+    order reads, and they would keep the replaced FP32 weights alive, so they are not followed
+    and not kept. `graph` itself is left as it was."""
     reads = {n.name for n in graph.graph_def.node if n.op == "ReadVariableOp"}
-    for node in graph.graph_def.node:
-        kept = [i for i in node.input if not (i.startswith("^") and i[1:] in reads)]
-        if len(kept) != len(node.input):
-            del node.input[:]
-            node.input.extend(kept)
-    nodes = {n.name: n for n in graph.graph_def.node}
+    inputs = {n.name: [i for i in n.input if not (i.startswith("^") and i[1:] in reads)]
+              for n in graph.graph_def.node}
     names, stack = set(), [node_name(graph.output), *graph.inputs.values()]
     while stack:
         name = stack.pop()
         if name not in names:
             names.add(name)
-            stack.extend(node_name(i) for i in nodes[name].input)
+            stack.extend(node_name(i) for i in inputs[name])
     keep = tf.compat.v1.GraphDef()
     keep.versions.CopyFrom(graph.graph_def.versions)
     keep.library.CopyFrom(graph.graph_def.library)
-    keep.node.extend(n for n in graph.graph_def.node if n.name in names)
+    for node in graph.graph_def.node:
+        if node.name in names:
+            kept = keep.node.add()
+            kept.CopyFrom(node)
+            del kept.input[:]
+            kept.input.extend(inputs[node.name])
     return dataclasses.replace(graph, graph_def=keep,
                                feeds={k: v for k, v in graph.feeds.items() if k in names})
 
