@@ -57,7 +57,7 @@ class ConvertSavedModel:
         graph = savedmodel.extract_serving_graph(loaded, fn)
         savedmodel.write_graph_def(graph.graph_def, self.output_dir / "extracted_graph_def.pb")
 
-        sites = qdq.find_matmul_sites(graph)
+        graph, sites = qdq.share_equal_inputs(graph, qdq.find_matmul_sites(graph))
         pair_ops = ["ConcatV2"] + (["BatchMatMulV2"] if self.performance_only else [])
         pair_inputs = qdq.find_pair_inputs(graph, pair_ops)
         log.info("quantizing %d MatMuls and %d inputs of %s (itex_mode=%s, per_channel=%s, smooth_quant=%s)",

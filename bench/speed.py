@@ -5,6 +5,11 @@
 Batch 1, sequence 128; FP32 and INT8 are timed call by call in turn in one process (warm-up, then
 the median of --iterations calls), so machine noise hits both alike. ONEDNN_VERBOSE, in a separate
 process, tells which int8 kernels ran.
+
+Then the ceiling: the bare matmuls of one GPT-J-6B-width layer and the lm_head (128 x K @ K x N),
+as tf.matmul in FP32 and as the converter's int8 kernel, timed the same way. The INT8/FP32 ratio
+of their sums is what the int8 GEMM itself gives on this CPU; a whole model's ratio cannot
+exceed it by much, as those matmuls are nearly all of its time.
 """
 import argparse
 import os
@@ -15,6 +20,10 @@ import common
 from common import RUNS
 
 MODELS = [("gptj-6b-width-1l", 1), ("gptj-6b-width-2l", 2), ("bundled-gptj-kjv", None)]
+# (K, N, how many per layer): the FP32 model's matmuls, and the INT8 model's (q, k, v and fc_in
+# in one kernel); the lm_head last.
+FP32_MATMULS = [(4096, 4096, 4), (4096, 16384, 1), (16384, 4096, 1), (4096, 50400, 1)]
+INT8_MATMULS = [(4096, 28672, 1), (4096, 4096, 1), (16384, 4096, 1), (4096, 50400, 1)]
 
 
 def converted(name):
@@ -41,6 +50,24 @@ def int8_kernels(model_dir):
             impl = line.split(",")[6]
             kernels[impl] = kernels.get(impl, 0) + 1
     return kernels
+
+
+def matmul_ceiling(warmup, iterations):
+    """Median ms of each bare matmul shape, FP32 and INT8: {(K, N): (fp32, int8)}."""
+    import numpy as np
+    from gptj_int8 import benchmark, qdq, savedmodel
+    rng = np.random.RandomState(0)
+    times = {}
+    for k, n in sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS}):
+        x = rng.randn(128, k).astype(np.float32)
+        graph = savedmodel.matmul_graph(x, (rng.randn(k, n) * 0.02).astype(np.float32))
+        ranges = {"x": (float(x.min()), float(x.max()))}
+        int8 = qdq.fuse_int8_matmuls(graph.copy(), qdq.find_matmul_sites(graph), ranges, per_channel=True)
+        dummy = np.zeros([1, 1], np.int32)
+        t = benchmark.time_models([graph.serving_fn(), int8.serving_fn()], [(dummy, dummy)], warmup, iterations)
+        times[(k, n)] = tuple(map(common.median_ms, t))
+        del graph, int8
+    return times
 
 
 def main():
@@ -71,6 +98,15 @@ def main():
         k = ", ".join(f"{impl} x{n}" for impl, n in kernels.items()) or "none"
         print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {sa:.3f} | {sb:.3f} | {sb / sa:.3f} "
               f"| {cos:.5f} | {agree:.3f} | {k} |")
+
+    times = matmul_ceiling(args.warmup, args.iterations)
+    print("\n| bare matmul, 128 x K @ K x N | FP32 ms | INT8 ms | INT8/FP32 speed |")
+    print("|---|---|---|---|")
+    for (k, n), (a, b) in times.items():
+        print(f"| K={k} N={n} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    fp32 = sum(times[(k, n)][0] * c for k, n, c in FP32_MATMULS)
+    int8 = sum(times[(k, n)][1] * c for k, n, c in INT8_MATMULS)
+    print(f"| one layer + lm_head, as each model runs them | {fp32:.1f} | {int8:.1f} | {fp32 / int8:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Two forms of the same calibrated quantization:
   into int8 kernels; stock TensorFlow runs it as written (fake quantization).
 - `fuse_int8_matmuls` (default): each QDQ + MatMul (+ BiasAdd) becomes TensorFlow's oneDNN
   `_QuantizedMatMul` on a u8 activation and an s8 weight read from an int8 variable, with
-  `is_weight_const` so oneDNN keeps its reordered copy of the weight between calls.
+  `is_weight_const` so oneDNN keeps its reordered copy of the weight between calls; MatMuls
+  that read one activation (q, k, v and fc_in) share one kernel.
 Float ConcatV2 inputs (and, under performance_only, the attention BatchMatMulV2 inputs) get
 QDQ pairs in both forms, as there is no int8 kernel for them in stock TensorFlow.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import op_def_registry
 
 from .graph import GraphIndex, make_const, make_node, make_resource_placeholder, node_name
 
@@ -64,6 +66,57 @@ def find_matmul_sites(graph):
                 site.bias_add, site.bias = after[0].name, bias
         sites.append(site)
     return sites
+
+
+# Ops whose output is not determined by their op, attributes and inputs alone.
+_BY_NAME = {"Placeholder", "Merge", "Enter", "Exit", "NextIteration", "Switch", "LoopCond"}
+
+
+def _value_numbers(index, tensors):
+    """A number per node behind `tensors`, equal for nodes that compute the same value: the same
+    op and attributes on the same inputs (stateful ops and placeholders are equal only to themselves)."""
+    numbers, keys = {}, {}
+    stack = [node_name(t) for t in tensors]
+    while stack:
+        name = stack[-1]
+        if name in numbers:
+            stack.pop()
+            continue
+        node = index.nodes[name]
+        op_def = op_def_registry.get(node.op)
+        by_name = node.op in _BY_NAME or op_def is None or op_def.is_stateful
+        inputs = [] if by_name else [i for i in node.input if not i.startswith("^")]
+        missing = [node_name(i) for i in inputs if node_name(i) not in numbers]
+        if missing:
+            stack.extend(missing)
+            continue
+        stack.pop()
+        attrs = tuple(sorted((k, v.SerializeToString(deterministic=True))
+                             for k, v in node.attr.items() if not k.startswith("_")))
+        key = (node.op, attrs, name if by_name else
+               tuple((numbers[node_name(i)], i.partition(":")[2] or "0") for i in inputs))
+        numbers[name] = keys.setdefault(key, len(keys))
+    return numbers
+
+
+def share_equal_inputs(graph, sites):
+    """Sites whose activations hold the same values get one tensor.
+
+    Each Dense layer reshapes its input with nodes of its own (Tensordot), so q, k, v and fc_in,
+    which all read the same layer norm, have four activation tensors. Once they read one, they
+    share one calibration range and one QuantizeV2, and `fuse_int8_matmuls` gives them one kernel."""
+    index = GraphIndex(graph.graph_def)
+    numbers = _value_numbers(index, [s.activation for s in sites])
+    first, shared = {}, []
+    rw = _Rewriter(graph)
+    for site in sites:
+        key = (numbers[node_name(site.activation)], site.activation.partition(":")[2] or "0")
+        tensor = first.setdefault(key, site.activation)
+        if tensor != site.activation:
+            rw.replace_input(site.matmul, 0, tensor)
+            site = dataclasses.replace(site, activation=tensor)
+        shared.append(site)
+    return rw.finish(), shared
 
 
 def find_pair_inputs(graph, ops):
@@ -257,38 +310,48 @@ class _Rewriter:
 
 
 def _weight_int8(rw, site, per_channel):
-    """Quantize one weight variable to int8, per tensor or per output column (only this one
-    weight is read, in blocks); returns its int8 read, the int8 values and the scale(s)."""
+    """One weight variable quantized to int8, per tensor or per output column (only this weight is
+    read, in blocks); returns the int8 values and the absolute maximum(s) they scale to."""
     weight = rw.graph.feeds[site.weight]
     if site.row_scale is not None:
         weight = _ScaledRows(weight, site.row_scale)
-    q, absmax = quantize_symmetric(weight, axis=0 if per_channel else None)
-    read = rw.add_int8_variable(f"{site.matmul}/weight_int8", q)
-    return read, q, absmax
+    return quantize_symmetric(weight, axis=0 if per_channel else None)
 
 
 def fuse_int8_matmuls(graph, sites, ranges, per_channel=False):
-    """Each site's MatMul (+ BiasAdd) becomes `_QuantizedMatMul` u8 x s8 -> float.
+    """The MatMuls (+ BiasAdds) that read one activation become one `_QuantizedMatMul`
+    u8 x s8 -> float, on their weights side by side, split back into their outputs.
 
-    The kernel takes one weight scale. Per-channel weights are quantized column by column to
-    the full int8 range; the kernel is told the largest scale, and a Mul by each column's share
-    of it follows (the bias is divided by the same share, so the Mul restores it too)."""
+    One kernel for q, k, v and fc_in instead of four saves the per-call cost of each and runs
+    oneDNN's int8 GEMM on a wider matrix, where it is faster. The kernel takes one weight scale:
+    each weight is quantized (per column, or whole) to the full int8 range, the kernel is told
+    the largest scale, and a Mul by each column's share of it follows when the scales differ
+    (the bias is divided by the same share, so the Mul restores it too)."""
     rw = _Rewriter(graph)
+    groups = {}
     for site in sites:
-        lo, hi = activation_range(*ranges[site.activation])
+        groups.setdefault(site.activation, []).append(site)
+    for activation, group in groups.items():
+        lo, hi = activation_range(*ranges[activation])
         hi = lo + (hi - lo) * 255.0 / (ACTIVATION_LEVELS - 1)   # the u8 range that gives those levels
-        read, q, absmax = _weight_int8(rw, site, per_channel)
-        bias = (rw.graph.feeds[site.bias].numpy() if site.bias
-                else np.zeros(q.shape[1], np.float32))
+        weights = [_weight_int8(rw, site, per_channel) for site in group]
+        widths = [q.shape[1] for q, _ in weights]
+        q = weights[0][0] if len(group) == 1 else np.concatenate([q for q, _ in weights], axis=1)
+        absmax = np.concatenate([np.broadcast_to(a, (n,)) for (_, a), n in zip(weights, widths)])
+        del weights
+        bias = np.concatenate([rw.graph.feeds[s.bias].numpy() if s.bias else np.zeros(n, np.float32)
+                               for s, n in zip(group, widths)])
         top = float(np.max(absmax))
         share = absmax / top
-        name = site.matmul
-        kernel = f"{name}/int8" if per_channel else name
-        # one QuantizeV2 per tensor, shared by every MatMul that reads it
-        quantized = f"{node_name(site.activation)}/quantize_u8"
+        scaled = bool(np.any(share != 1.0))
+        name = group[0].matmul if len(group) == 1 else f"{node_name(activation)}/int8_matmul"
+        kernel = f"{name}/int8" if scaled else name
+        # one QuantizeV2 per tensor
+        quantized = f"{node_name(activation)}/quantize_u8"
+        read = rw.add_int8_variable(f"{name}/weight_int8", q)
         rw.add(make_const(f"{quantized}/min", lo, tf.float32),
                make_const(f"{quantized}/max", hi, tf.float32),
-               make_node("QuantizeV2", quantized, [site.activation, f"{quantized}/min", f"{quantized}/max"],
+               make_node("QuantizeV2", quantized, [activation, f"{quantized}/min", f"{quantized}/max"],
                          T=tf.quint8, mode="MIN_FIRST", ensure_minimum_range=0.0),
                make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
                make_const(f"{name}/bias_int32", compensated_int32_bias(bias / share, q, top, lo, hi), tf.qint32),
@@ -303,12 +366,20 @@ def fuse_int8_matmuls(graph, sites, ranges, per_channel=False):
                          Thost_outputs=[tf.float32], fused_ops=["BiasAdd", "Dequantize"],
                          input_quant_mode="MIN_FIRST", output_quant_mode="SCALED",
                          transpose_a=False, transpose_b=False, is_weight_const=True, is_bias_const=True))
-        if per_channel:
+        if scaled:
             rw.add(make_const(f"{name}/column_scale", share.astype(np.float32), tf.float32),
                    make_node("Mul", name, [kernel, f"{name}/column_scale"], T=tf.float32))
-        if site.bias_add:   # the bias now lives in the fused kernel
-            old = rw.nodes[site.bias_add]
-            rw.add(make_node("Identity", site.bias_add, [old.input[0]], T=tf.float32))
+        if len(group) > 1:
+            rw.add(make_const(f"{name}/widths", widths, tf.int32),
+                   make_const(f"{name}/last_axis", -1, tf.int32),
+                   make_node("SplitV", f"{name}/split", [name, f"{name}/widths", f"{name}/last_axis"],
+                             T=tf.float32, Tlen=tf.int32, num_split=len(group)))
+            for i, site in enumerate(group):
+                rw.add(make_node("Identity", site.matmul, [f"{name}/split:{i}"], T=tf.float32))
+        for site in group:
+            if site.bias_add:   # the bias now lives in the fused kernel
+                old = rw.nodes[site.bias_add]
+                rw.add(make_node("Identity", site.bias_add, [old.input[0]], T=tf.float32))
     return rw.finish()
 
 
@@ -318,8 +389,9 @@ def insert_qdq_pairs(graph, sites, ranges, per_channel=False):
     for site in sites:
         lo, hi = activation_range(*ranges[site.activation])
         rw.replace_input(site.matmul, 0, rw.qdq_pair(f"{site.matmul}/input", site.activation, lo, hi))
-        read, _, absmax = _weight_int8(rw, site, per_channel)
+        q, absmax = _weight_int8(rw, site, per_channel)
         name = site.matmul
+        read = rw.add_int8_variable(f"{name}/weight_int8", q)
         rw.add(make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
                make_const(f"{name}/min_b", -absmax, tf.float32),
                make_const(f"{name}/max_b", absmax, tf.float32),

@@ -19,7 +19,7 @@ from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 from tensorflow.python.grappler import tf_optimizer
 
 from .cli import UserError
-from .graph import node_name
+from .graph import make_node, make_resource_placeholder, node_name
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,26 @@ class ServingGraph:
 
     def variables(self):
         return [v for v in self.feeds.values() if isinstance(v, tf.Variable)]
+
+
+def matmul_graph(x, w, bias=None):
+    """The smallest graph the converter works on: x @ w (+ bias), x a constant, w (and bias) held
+    in variables, behind the two inputs every ServingGraph has (unused here)."""
+    nodes = [make_node("Placeholder", name, [], dtype=tf.int32) for name in INPUTS]
+    nodes += [make_node("Placeholder", "x", [], dtype=tf.float32),
+              make_resource_placeholder("w"),
+              make_node("ReadVariableOp", "w/read", ["w"], dtype=tf.float32),
+              make_node("MatMul", "mm", ["x", "w/read"], T=tf.float32, transpose_a=False, transpose_b=False)]
+    feeds = {"w": tf.Variable(w), "x": tf.constant(x)}
+    out = "mm:0"
+    if bias is not None:
+        nodes += [make_resource_placeholder("b"), make_node("ReadVariableOp", "b/read", ["b"], dtype=tf.float32),
+                  make_node("BiasAdd", "out", ["mm", "b/read"], T=tf.float32)]
+        feeds["b"] = tf.Variable(bias)
+        out = "out:0"
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.node.extend(nodes)
+    return ServingGraph(graph_def, {name: name for name in INPUTS}, out, feeds)
 
 
 def check_saved_model_dir(path):

@@ -5,28 +5,7 @@ import pytest
 import tensorflow as tf
 
 from gptj_int8 import calibration, qdq, savedmodel
-from gptj_int8.graph import make_node, make_resource_placeholder
-
-
-def _matmul_graph(x, w, bias=None):
-    """A ServingGraph computing x @ w (+ bias) with w (and bias) held in variables."""
-    nodes = [make_node("Placeholder", "input_ids", [], dtype=tf.int32),
-             make_node("Placeholder", "attention_mask", [], dtype=tf.int32),
-             make_node("Placeholder", "x", [], dtype=tf.float32),
-             make_resource_placeholder("w"),
-             make_node("ReadVariableOp", "w/read", ["w"], dtype=tf.float32),
-             make_node("MatMul", "mm", ["x", "w/read"], T=tf.float32, transpose_a=False, transpose_b=False)]
-    feeds = {"w": tf.Variable(w), "x": tf.constant(x)}
-    out = "mm:0"
-    if bias is not None:
-        nodes += [make_resource_placeholder("b"), make_node("ReadVariableOp", "b/read", ["b"], dtype=tf.float32),
-                  make_node("BiasAdd", "out", ["mm", "b/read"], T=tf.float32)]
-        feeds["b"] = tf.Variable(bias)
-        out = "out:0"
-    graph_def = tf.compat.v1.GraphDef()
-    graph_def.node.extend(nodes)
-    return savedmodel.ServingGraph(graph_def, {"input_ids": "input_ids", "attention_mask": "attention_mask"},
-                                   out, feeds)
+from gptj_int8.graph import make_const, make_node, make_resource_placeholder
 
 
 def _run(graph):
@@ -45,7 +24,7 @@ def test_fused_int8_matmul_matches_float64(shift, with_bias, per_channel):
     w *= np.linspace(0.1, 2.0, 384, dtype=np.float32)   # columns of different ranges
     bias = (rng.randn(384) * 0.1).astype(np.float32) if with_bias else None
     ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if bias is None else bias)
-    graph = _matmul_graph(x, w, bias)
+    graph = savedmodel.matmul_graph(x, w, bias)
     sites = qdq.find_matmul_sites(graph)
     assert len(sites) == 1 and (sites[0].bias_add is not None) == with_bias
     ranges = {"x": (float(x.min()), float(x.max()))}
@@ -61,7 +40,7 @@ def test_qdq_form_matches_float64_and_stores_int8(per_channel):
     rng = np.random.RandomState(1)
     x = rng.randn(32, 256).astype(np.float32)
     w = (rng.randn(256, 128) * 0.05).astype(np.float32) * np.linspace(0.1, 2.0, 128, dtype=np.float32)
-    graph = _matmul_graph(x, w)
+    graph = savedmodel.matmul_graph(x, w)
     out_graph = qdq.insert_qdq_pairs(graph, qdq.find_matmul_sites(graph), {"x": (float(x.min()), float(x.max()))},
                                      per_channel=per_channel)
     out_graph = savedmodel.prune(out_graph)
@@ -69,6 +48,47 @@ def test_qdq_form_matches_float64_and_stores_int8(per_channel):
     assert [v.dtype for v in stored] == [tf.int8]
     ref = x.astype(np.float64) @ w.astype(np.float64)
     assert np.abs(_run(out_graph) - ref).mean() / np.abs(ref).mean() < 0.03
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_matmuls_reading_one_tensor_share_one_kernel(per_channel):
+    """Two Dense layers reshape x with nodes of their own (as Tensordot does) and one reads -x:
+    the first two become one kernel split in two, the third keeps its own, all match float64."""
+    rng = np.random.RandomState(4)
+    x = (rng.randn(64, 512) + 0.5).astype(np.float32)
+    w = [(rng.randn(512, n) * 0.02 * (i + 1)).astype(np.float32) for i, n in enumerate((96, 160, 64))]
+    bias = (rng.randn(160) * 0.1).astype(np.float32)
+    nodes = [make_node("Placeholder", "input_ids", [], dtype=tf.int32),
+             make_node("Placeholder", "attention_mask", [], dtype=tf.int32),
+             make_node("Placeholder", "x", [], dtype=tf.float32),
+             make_node("Neg", "negative", ["x"], T=tf.float32)]
+    for i, source in enumerate(("x", "x", "negative")):
+        nodes += [make_const(f"shape{i}", [64, 512], tf.int32),
+                  make_node("Reshape", f"flat{i}", [source, f"shape{i}"], T=tf.float32, Tshape=tf.int32),
+                  make_resource_placeholder(f"w{i}"),
+                  make_node("ReadVariableOp", f"w{i}/read", [f"w{i}"], dtype=tf.float32),
+                  make_node("MatMul", f"mm{i}", [f"flat{i}", f"w{i}/read"], T=tf.float32,
+                            transpose_a=False, transpose_b=False)]
+    nodes += [make_resource_placeholder("b"), make_node("ReadVariableOp", "b/read", ["b"], dtype=tf.float32),
+              make_node("BiasAdd", "out1", ["mm1", "b/read"], T=tf.float32)]
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.node.extend(nodes)
+    feeds = {"x": tf.constant(x), "b": tf.Variable(bias), **{f"w{i}": tf.Variable(w[i]) for i in range(3)}}
+    graph = savedmodel.ServingGraph(graph_def, {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+                                    "mm0:0", feeds)
+
+    graph, sites = qdq.share_equal_inputs(graph, qdq.find_matmul_sites(graph))
+    assert [s.activation for s in sites] == ["flat0", "flat0", "flat2"]
+    ranges = {"flat0": (float(x.min()), float(x.max())), "flat2": (float(-x.max()), float(-x.min()))}
+    fused = qdq.fuse_int8_matmuls(graph, sites, ranges, per_channel=per_channel)
+    ops = [n.op for n in fused.graph_def.node]
+    assert ops.count("_QuantizedMatMul") == 2 and ops.count("SplitV") == 1 and ops.count("QuantizeV2") == 2
+    assert "MatMul" not in ops
+    dummy = tf.zeros([1, 1], tf.int32)
+    outs = fused.function(["mm0", "out1", "mm2"])(dummy, dummy)
+    x64 = x.astype(np.float64)
+    for out, ref in zip(outs, (x64 @ w[0], x64 @ w[1] + bias, -x64 @ w[2])):
+        assert np.abs(out.numpy() - ref).mean() / np.abs(ref).mean() < 0.03
 
 
 def test_symmetric_quantization_in_blocks_equals_whole():
@@ -134,7 +154,7 @@ def test_smooth_quant_keeps_the_product_and_tames_an_outlier_channel(fuse):
     x[:, 7] *= 60.0                                   # one outlier channel, as in LLM activations
     w = (rng.randn(256, 128) * 0.05).astype(np.float32)
     ref = x.astype(np.float64) @ w.astype(np.float64)
-    graph = _matmul_graph(x, w)
+    graph = savedmodel.matmul_graph(x, w)
     dummy = (np.zeros((1, 1), np.int32),) * 2
     sites = qdq.find_matmul_sites(graph)
     ranges = calibration.collect_activation_ranges(graph, [sites[0].activation], [dummy])

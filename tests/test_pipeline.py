@@ -48,7 +48,15 @@ def test_converted_graph_has_pairs_before_every_dense_matmul_and_float_concat(co
             assert weight.op == "Dequantize"   # int8 weight variable, dequantized in the graph
     else:
         fused = [n for n in g.node if n.op == "_QuantizedMatMul"]
-        assert len(fused) == 13 and not any(n.op == "MatMul" for n in g.node)
+        # q, k, v and fc_in read one layer norm: one kernel, split back into their four outputs
+        assert len(fused) == 2 * 3 + 1 and not any(n.op == "MatMul" for n in g.node)
+        splits = [n for n in g.node if n.op == "SplitV"]
+        assert [n.attr["num_split"].i for n in splits] == [4, 4]
+        for n in splits:
+            kernel = index.producer(n.input[0])
+            if kernel.op == "Mul":               # per-channel: each column's share of the kernel's scale
+                kernel = index.producer(kernel.input[0])
+            assert kernel.op == "_QuantizedMatMul"
         for n in fused:
             assert index.producer(n.input[0]).op == "QuantizeV2"
             assert n.attr["T1"].type == tf.quint8.as_datatype_enum
