@@ -11,6 +11,7 @@ sys.path.insert(0, str(REPO))
 RUNS = REPO / "bench" / "runs"
 # GPT-J-6B's shape (GPTJConfig's defaults) with fewer layers.
 GPTJ_6B_WIDTH = "n_embd=4096,n_head=16,rotary_dim=64,n_inner=16384,vocab_size=50400"
+GPTJ_6B_LAYERS = 28
 
 
 def script(name, *args, **popen):

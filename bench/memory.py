@@ -13,10 +13,7 @@ import numpy as np
 import psutil
 
 import common
-from common import RUNS
-
-FULL_LAYERS = 28   # GPT-J-6B
-
+from common import GPTJ_6B_LAYERS, RUNS
 
 def quantize_peak(src, dst):
     """(peak RSS in GB, seconds) of one quantize.py run."""
@@ -61,11 +58,11 @@ def main():
         layers = np.array([r[0] for r in rows], float)
         fit = lambda col: np.polyfit(layers, np.array([r[col] for r in rows]), 1)
         (size_slope, size_icpt), (peak_slope, peak_icpt), (t_slope, t_icpt) = fit(1), fit(2), fit(3)
-        size28 = size_slope * FULL_LAYERS + size_icpt
-        peak28 = peak_slope * FULL_LAYERS + peak_icpt
+        size28 = size_slope * GPTJ_6B_LAYERS + size_icpt
+        peak28 = peak_slope * GPTJ_6B_LAYERS + peak_icpt
         print(f"\nPer layer: +{size_slope:.2f} GB of model, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
-        print(f"Projected for {FULL_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
-              f"({peak28 / size28:.2f}x), conversion {(t_slope * FULL_LAYERS + t_icpt) / 60:.0f} min.")
+        print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
+              f"({peak28 / size28:.2f}x), conversion {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
 
 
 if __name__ == "__main__":

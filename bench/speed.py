@@ -16,10 +16,12 @@ import os
 import subprocess
 import sys
 
-import common
-from common import RUNS
+import numpy as np
 
-MODELS = [("gptj-6b-width-1l", 1), ("gptj-6b-width-2l", 2), ("bundled-gptj-kjv", None)]
+import common
+from common import GPTJ_6B_LAYERS, RUNS
+
+MODELS = [("gptj-6b-width-1l", 1), ("gptj-6b-width-2l", 2), ("gptj-6b-width-3l", 3), ("bundled-gptj-kjv", None)]
 # (K, N, how many per layer): the FP32 model's matmuls, and the INT8 model's (q, k, v and fc_in
 # in one kernel); the lm_head last.
 FP32_MATMULS = [(4096, 4096, 4), (4096, 16384, 1), (16384, 4096, 1), (4096, 50400, 1)]
@@ -54,7 +56,6 @@ def int8_kernels(model_dir):
 
 def matmul_ceiling(warmup, iterations):
     """Median ms of each bare matmul shape, FP32 and INT8: {(K, N): (fp32, int8)}."""
-    import numpy as np
     from gptj_int8 import benchmark, qdq, savedmodel
     rng = np.random.RandomState(0)
     times = {}
@@ -87,17 +88,25 @@ def main():
         cos, agree = common.fidelity(fp32, int8, batch)
         t_fp32, t_int8 = benchmark.time_models([fp32, int8], [batch], args.warmup, args.iterations)
         kernels = int8_kernels(int8_dir)
-        rows.append((name, common.median_ms(t_fp32), common.median_ms(t_int8),
+        rows.append((name, n_layer, common.median_ms(t_fp32), common.median_ms(t_int8),
                      common.size_gb(fp32_dir), common.size_gb(int8_dir), cos, agree, kernels))
         del fp32, int8, fp32_obj, int8_obj   # free both models before the next size
 
     print("\n| model | FP32 ms | INT8 ms | INT8/FP32 speed | FP32 GB | INT8 GB | size ratio "
           "| logit cosine | argmax agreement | int8 kernels (oneDNN) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, a, b, sa, sb, cos, agree, kernels in rows:
+    for name, _, a, b, sa, sb, cos, agree, kernels in rows:
         k = ", ".join(f"{impl} x{n}" for impl, n in kernels.items()) or "none"
         print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {sa:.3f} | {sb:.3f} | {sb / sa:.3f} "
               f"| {cos:.5f} | {agree:.3f} | {k} |")
+    # latency grows linearly with layers; the lm_head, a third of a 1-layer model, weighs ever less
+    layers = [r[1] for r in rows if r[1] is not None]
+    fit = [np.polyfit(layers, [r[i] for r in rows if r[1] is not None], 1) for i in (2, 3)]
+    fp32_layer, int8_layer = fit[0][0], fit[1][0]
+    fp32, int8 = (np.polyval(f, GPTJ_6B_LAYERS) for f in fit)
+    print(f"\nPer layer: FP32 +{fp32_layer:.1f} ms, INT8 +{int8_layer:.1f} ms ({fp32_layer / int8_layer:.2f}x); "
+          f"projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): FP32 {fp32 / 1000:.1f} s, INT8 {int8 / 1000:.1f} s, "
+          f"{fp32 / int8:.2f}x.")
 
     times = matmul_ceiling(args.warmup, args.iterations)
     print("\n| bare matmul, 128 x K @ K x N | FP32 ms | INT8 ms | INT8/FP32 speed |")
@@ -107,6 +116,9 @@ def main():
     fp32 = sum(times[(k, n)][0] * c for k, n, c in FP32_MATMULS)
     int8 = sum(times[(k, n)][1] * c for k, n, c in INT8_MATMULS)
     print(f"| one layer + lm_head, as each model runs them | {fp32:.1f} | {int8:.1f} | {fp32 / int8:.2f}x |")
+    fp32 -= times[FP32_MATMULS[-1][:2]][0]
+    int8 -= times[INT8_MATMULS[-1][:2]][1]
+    print(f"| one layer without the lm_head | {fp32:.1f} | {int8:.1f} | {fp32 / int8:.2f}x |")
 
 
 if __name__ == "__main__":

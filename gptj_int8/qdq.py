@@ -331,6 +331,7 @@ def fuse_int8_matmuls(graph, sites, ranges, per_channel=False):
     groups = {}
     for site in sites:
         groups.setdefault(site.activation, []).append(site)
+    log.info("%d MatMuls -> %d int8 kernels", len(sites), len(groups))
     for activation, group in groups.items():
         lo, hi = activation_range(*ranges[activation])
         hi = lo + (hi - lo) * 255.0 / (ACTIVATION_LEVELS - 1)   # the u8 range that gives those levels
