@@ -51,9 +51,11 @@ def test_qdq_form_matches_float64_and_stores_int8(per_channel):
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_matmuls_reading_one_tensor_share_one_kernel(per_channel):
+@pytest.mark.parametrize("smooth", [False, True])
+def test_matmuls_reading_one_tensor_share_one_kernel(per_channel, smooth):
     """Two Dense layers reshape x with nodes of their own (as Tensordot does) and one reads -x:
-    the first two become one kernel split in two, the third keeps its own, all match float64."""
+    the first two become one kernel split in two, the third keeps its own, all match float64;
+    SmoothQuant smooths the shared tensor once, for both weights."""
     rng = np.random.RandomState(4)
     x = (rng.randn(64, 512) + 0.5).astype(np.float32)
     w = [(rng.randn(512, n) * 0.02 * (i + 1)).astype(np.float32) for i, n in enumerate((96, 160, 64))]
@@ -79,13 +81,18 @@ def test_matmuls_reading_one_tensor_share_one_kernel(per_channel):
 
     graph, sites = qdq.share_equal_inputs(graph, qdq.find_matmul_sites(graph))
     assert [s.activation for s in sites] == ["flat0", "flat0", "flat2"]
-    ranges = {"flat0": (float(x.min()), float(x.max())), "flat2": (float(-x.max()), float(-x.min()))}
+    dummy = (np.zeros((1, 1), np.int32),) * 2
+    ranges = calibration.collect_activation_ranges(graph, ["flat0", "flat2"], [dummy])
+    assert ranges["flat0"] == pytest.approx((x.min(), x.max()))
+    if smooth:
+        graph, sites, ranges = qdq.smooth_activations(graph, sites, ranges, 0.5)
+        assert sites[0].activation == sites[1].activation != sites[2].activation
     fused = qdq.fuse_int8_matmuls(graph, sites, ranges, per_channel=per_channel)
     ops = [n.op for n in fused.graph_def.node]
     assert ops.count("_QuantizedMatMul") == 2 and ops.count("SplitV") == 1 and ops.count("QuantizeV2") == 2
+    assert sum(n.name.endswith("/smooth") for n in fused.graph_def.node) == (2 if smooth else 0)
     assert "MatMul" not in ops
-    dummy = tf.zeros([1, 1], tf.int32)
-    outs = fused.function(["mm0", "out1", "mm2"])(dummy, dummy)
+    outs = fused.function(["mm0", "out1", "mm2"])(*map(tf.constant, dummy))
     x64 = x.astype(np.float64)
     for out, ref in zip(outs, (x64 @ w[0], x64 @ w[1] + bias, -x64 @ w[2])):
         assert np.abs(out.numpy() - ref).mean() / np.abs(ref).mean() < 0.03
