@@ -99,7 +99,7 @@ def main():
         k = ", ".join(f"{impl} x{n}" for impl, n in kernels.items()) or "none"
         print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {sa:.3f} | {sb:.3f} | {sb / sa:.3f} "
               f"| {cos:.5f} | {agree:.3f} | {k} |")
-    # latency grows linearly with layers; the lm_head, a third of a 1-layer model, weighs ever less
+    # latency grows linearly with layers; the lm_head, half of a 1-layer model's matmul work, weighs ever less
     layers = [r[1] for r in rows if r[1] is not None]
     fit = [np.polyfit(layers, [r[i] for r in rows if r[1] is not None], 1) for i in (2, 3)]
     fp32_layer, int8_layer = fit[0][0], fit[1][0]
