@@ -1,6 +1,7 @@
 """INT8/FP32 speed, size and fidelity at GPT-J-6B's width (1 and 2 layers) and on the bundled model.
 
     python bench/speed.py            # models are built once under bench/runs/
+    python bench/speed.py --fresh    # convert them again, after a change to the converter
 
 Batch 1, sequence 128; FP32 and INT8 are timed call by call in turn in one process (warm-up, then
 the median of --iterations calls), so machine noise hits both alike. ONEDNN_VERBOSE, in a separate
@@ -13,6 +14,7 @@ exceed it by much, as those matmuls are nearly all of its time.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
@@ -28,8 +30,10 @@ FP32_MATMULS = [(4096, 4096, 4), (4096, 16384, 1), (16384, 4096, 1), (4096, 5040
 INT8_MATMULS = [(4096, 28672, 1), (4096, 4096, 1), (16384, 4096, 1), (4096, 50400, 1)]
 
 
-def converted(name):
+def converted(name, fresh):
     out = RUNS / f"converted_{name}"
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
     if not (out / "saved_model.pb").exists():
         common.check(common.script("quantize.py", "--input_model", RUNS / name, "--converted_model", out,
                                    "--output_dir", RUNS / f"output_{name}", "--calib_samples", "32", cwd=RUNS),
@@ -75,13 +79,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--fresh", action="store_true", help="convert again even if a model exists")
     args = p.parse_args()
     from gptj_int8 import benchmark, savedmodel
 
     rows = []
     for name, n_layer in MODELS:
         fp32_dir = common.prepare(name, n_layer)
-        int8_dir = converted(name)
+        int8_dir = converted(name, args.fresh)
         fp32_obj, fp32 = savedmodel.load_serving_function(fp32_dir)
         int8_obj, int8 = savedmodel.load_serving_function(int8_dir)
         batch = common.timing_batch(fp32_dir)
