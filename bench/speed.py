@@ -1,4 +1,4 @@
-"""INT8/FP32 speed, size and fidelity at GPT-J-6B's width (1 and 2 layers) and on the bundled model.
+"""INT8/FP32 speed, size and fidelity at GPT-J-6B's width (1, 2 and 3 layers) and on the bundled model.
 
     python bench/speed.py            # models are built once under bench/runs/
     python bench/speed.py --fresh    # convert them again, after a change to the converter
