@@ -4,13 +4,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import REPO, run_script
+from gptj_int8 import data
 
 
 def _variables(model):
@@ -40,12 +40,11 @@ def test_interrupted_conversion_keeps_the_previous_model(tmp_path, tiny_fp32):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, str(REPO / "quantize.py"), "--input_model", str(tiny_fp32),
                              "--converted_model", str(target), "--output_dir", str(tmp_path / "out"),
-                             "--calib_samples", "300"], cwd=tmp_path, env=env,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:                     # wait until it is busy calibrating
-        if "calibrating" in line:
+                             "--dataset", str(data.EVALUATION_SET), "--calib_samples", "1500"],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:                     # wait until it is busy calibrating (seconds of it)
+        if line.startswith("calibrating:"):
             break
-    time.sleep(1)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert proc.returncode != 0
