@@ -93,10 +93,14 @@ def _value_numbers(index, tensors):
         stack.pop()
         attrs = tuple(sorted((k, v.SerializeToString(deterministic=True))
                              for k, v in node.attr.items() if not k.startswith("_")))
-        key = (node.op, attrs, name if by_name else
-               tuple((numbers[node_name(i)], i.partition(":")[2] or "0") for i in inputs))
+        key = (node.op, attrs, name if by_name else tuple(_tensor_number(numbers, i) for i in inputs))
         numbers[name] = keys.setdefault(key, len(keys))
     return numbers
+
+
+def _tensor_number(numbers, tensor):
+    """A tensor's value: its node's value number and which output it is ('a' is 'a:0')."""
+    return numbers[node_name(tensor)], tensor.partition(":")[2] or "0"
 
 
 def share_equal_inputs(graph, sites):
@@ -110,8 +114,7 @@ def share_equal_inputs(graph, sites):
     first, shared = {}, []
     rw = _Rewriter(graph)
     for site in sites:
-        key = (numbers[node_name(site.activation)], site.activation.partition(":")[2] or "0")
-        tensor = first.setdefault(key, site.activation)
+        tensor = first.setdefault(_tensor_number(numbers, site.activation), site.activation)
         if tensor != site.activation:
             rw.replace_input(site.matmul, 0, tensor)
             site = dataclasses.replace(site, activation=tensor)
