@@ -5,6 +5,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from . import generation
 from .cli import UserError
 
 log = logging.getLogger(__name__)
@@ -100,22 +101,50 @@ def pretrained_gptj(source):
         raise UserError(f"cannot load GPT-J from {source}: {str(e).splitlines()[0]}")
 
 
+def step_functions(model):
+    """The prefill and decode signatures of a TFGPTJForCausalLM (see generation.py). Only the last
+    position goes through the lm_head: generation needs no other logits."""
+    cfg = model.config
+    cache = generation.cache_spec(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head)
+
+    def next_token(input_ids, attention_mask, past):
+        out = model.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=generation.positions(attention_mask, tf.shape(input_ids)[1]),
+                                past_key_values=past, use_cache=True, training=False)
+        logits = model.lm_head(out.last_hidden_state[:, -1, :])
+        return {"logits": logits, generation.CACHE: tf.stack([tf.stack(kv) for kv in out.past_key_values])}
+
+    @tf.function(input_signature=generation.input_specs(generation.PREFILL, cache))
+    def prefill(input_ids, attention_mask):
+        return next_token(input_ids, attention_mask, None)
+
+    @tf.function(input_signature=generation.input_specs(generation.DECODE, cache))
+    def decode(input_ids, attention_mask, past_key_values):
+        return next_token(input_ids, attention_mask, [tf.unstack(kv) for kv in tf.unstack(past_key_values)])
+
+    return {generation.PREFILL: prefill, generation.DECODE: decode}
+
+
 def export_saved_model(model, out_dir):
-    """Write `model` as a SavedModel whose serving_default maps input_ids, attention_mask to logits.
+    """Write `model` as a SavedModel: serving_default (input_ids, attention_mask -> logits) and the
+    generation signatures prefill, decode and generate (generation.py).
 
     Only the variables are tracked, not the Keras object, so saving does not trace every layer.
     """
     module = tf.Module()
     module.weights = list(model.variables)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-                                  tf.TensorSpec([None, None], tf.int32, name="attention_mask")])
+    @tf.function(input_signature=generation.input_specs(generation.SERVING, None))
     def serving(input_ids, attention_mask):
         out = model(input_ids=input_ids, attention_mask=attention_mask, training=False)
         return {"logits": out.logits}
 
-    module.serving = serving
-    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serving})
+    signatures = {generation.SERVING: serving, **step_functions(model)}
+    signatures[generation.GENERATE] = generation.greedy_generate(
+        signatures[generation.PREFILL], signatures[generation.DECODE],
+        model.config.eos_token_id, model.config.n_positions)
+    module.functions = list(signatures.values())
+    tf.saved_model.save(module, str(out_dir), signatures=signatures)
 
 
 def context_length(model_dir, default=2048):

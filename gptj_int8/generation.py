@@ -1,0 +1,86 @@
+"""The signatures of a GPT-J SavedModel, and greedy generation over its prefill and decode steps.
+
+    serving_default  input_ids, attention_mask [batch, seq] int32
+                     -> logits [batch, seq, vocab] float32
+    prefill          input_ids, attention_mask [batch, seq] int32 (left-padded)
+                     -> logits [batch, vocab] (the next token's), past_key_values
+    decode           input_ids [batch, 1], attention_mask [batch, past + 1], past_key_values
+                     -> logits [batch, vocab], past_key_values (one position longer)
+    generate         input_ids, attention_mask [batch, seq] (left-padded), max_new_tokens int32 scalar
+                     -> sequences [batch, seq + max_new_tokens] int32 (the prompt, then greedy tokens)
+
+past_key_values is float32 [n_layer, 2 (key, value), batch, n_head, past, head_dim]: the keys and
+values of every position so far. Each step returns it one position longer (a concat), measured
+against a cache preallocated to the context and written in place by bench/generation.py.
+Positions come from the attention mask (the count of real tokens before each one), so a
+left-padded prompt gets the positions it would have alone.
+"""
+import tensorflow as tf
+
+SERVING, PREFILL, DECODE, GENERATE = "serving_default", "prefill", "decode", "generate"
+STEPS = (PREFILL, DECODE)
+CACHE = "past_key_values"
+INPUTS = {SERVING: ("input_ids", "attention_mask"), PREFILL: ("input_ids", "attention_mask"),
+          DECODE: ("input_ids", "attention_mask", CACHE)}
+OUTPUTS = {SERVING: ("logits",), PREFILL: ("logits", CACHE), DECODE: ("logits", CACHE)}
+
+
+def token_spec(name):
+    return tf.TensorSpec([None, None], tf.int32, name=name)
+
+
+def cache_spec(n_layer, n_head, head_dim):
+    return tf.TensorSpec([n_layer, 2, None, n_head, None, head_dim], tf.float32, name=CACHE)
+
+
+def input_specs(signature, cache):
+    """TensorSpecs of a signature's inputs, in INPUTS order; `cache` is the cache's spec."""
+    return [cache if name == CACHE else token_spec(name) for name in INPUTS[signature]]
+
+
+def positions(attention_mask, length):
+    """Position ids of the last `length` tokens: how many real tokens precede each."""
+    return tf.math.cumsum(attention_mask, axis=-1, exclusive=True)[:, -length:]
+
+
+def greedy_generate(prefill, decode, eos_token_id, n_positions):
+    """The `generate` signature: prefill once, then decode one token at a time inside a
+    tf.while_loop, until max_new_tokens or every row has produced EOS (rows that did are
+    continued with EOS, as transformers pads finished rows). `prefill` and `decode` take keyword
+    inputs and return dicts, as the signatures do."""
+
+    @tf.function(input_signature=[token_spec("input_ids"), token_spec("attention_mask"),
+                                  tf.TensorSpec([], tf.int32, name="max_new_tokens")])
+    def generate(input_ids, attention_mask, max_new_tokens):
+        checks = [tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be positive"),
+                  tf.debugging.assert_less_equal(
+                      tf.shape(input_ids)[1] + max_new_tokens, n_positions,
+                      message=f"prompt + max_new_tokens is longer than the context ({n_positions} tokens)")]
+        with tf.control_dependencies(checks):
+            first = prefill(input_ids=input_ids, attention_mask=attention_mask)
+        token = tf.argmax(first["logits"], axis=-1, output_type=tf.int32)
+        done = tf.equal(token, eos_token_id)
+        tokens = tf.TensorArray(tf.int32, size=0, dynamic_size=True).write(0, token)
+        batch = tf.shape(input_ids)[0]
+
+        def more(i, token, done, mask, past, tokens):
+            return tf.logical_and(i < max_new_tokens, tf.logical_not(tf.reduce_all(done)))
+
+        def step(i, token, done, mask, past, tokens):
+            mask = tf.concat([mask, tf.ones([batch, 1], tf.int32)], axis=1)
+            out = decode(input_ids=token[:, None], attention_mask=mask, past_key_values=past)
+            token = tf.argmax(out["logits"], axis=-1, output_type=tf.int32)
+            token = tf.where(done, eos_token_id, token)
+            return i + 1, token, done | tf.equal(token, eos_token_id), mask, out[CACHE], tokens.write(i, token)
+
+        past = first[CACHE]
+        loop = (tf.constant(1), token, done, attention_mask, past, tokens)
+        invariants = (tf.TensorShape([]), token.shape, done.shape, tf.TensorShape([None, None]),
+                      tf.TensorShape([past.shape[0], 2, None, past.shape[3], None, past.shape[5]]),
+                      tf.TensorShape(None))
+        n, *_, tokens = tf.while_loop(more, step, loop, shape_invariants=invariants)
+        new = tf.transpose(tokens.stack())
+        new = tf.pad(new, [[0, 0], [0, max_new_tokens - n]], constant_values=eos_token_id)
+        return {"sequences": tf.concat([input_ids, new], axis=1)}
+
+    return generate
