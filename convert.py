@@ -15,14 +15,15 @@ Edit the flags in __init__ to change the defaults (quantize.py's flags override 
 import logging
 from pathlib import Path
 
-from gptj_int8 import calibration, fallback, qdq, savedmodel
+from gptj_int8 import calibration, fallback, generation, int8_matmul, models, qdq, savedmodel, sites, smoothquant, weights
 from gptj_int8.cli import UserError
+from gptj_int8.generation import DECODE, PREFILL, SERVING
 
 log = logging.getLogger(__name__)
 
 # Files prepare_model.py writes beside the SavedModel, carried over to the converted one.
-SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "vocab.json", "merges.txt", "added_tokens.json")
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 class ConvertSavedModel:
@@ -53,42 +54,79 @@ class ConvertSavedModel:
             raise UserError(f"the converted model cannot be written inside the input model: {self.dst}")
 
     def __call__(self):
-        loaded, fn = savedmodel.load_serving_function(self.src)
-        graph = savedmodel.extract_serving_graph(loaded, fn)
-        savedmodel.write_graph_def(graph.graph_def, self.output_dir / "extracted_graph_def.pb")
+        loaded, functions = savedmodel.load_signatures(self.src)
+        graphs = {name: savedmodel.extract_serving_graph(loaded, fn, name) for name, fn in functions.items()}
+        savedmodel.write_graph_def(graphs[SERVING].graph_def, self.output_dir / "extracted_graph_def.pb")
 
-        graph, sites = qdq.share_equal_inputs(graph, qdq.find_matmul_sites(graph))
+        found = {}
+        for name, graph in graphs.items():
+            graphs[name], found[name] = sites.share_equal_inputs(graph, sites.find_matmul_sites(graph))
         pair_ops = ["ConcatV2"] + (["BatchMatMulV2"] if self.performance_only else [])
-        pair_inputs = qdq.find_pair_inputs(graph, pair_ops)
-        log.info("quantizing %d MatMuls and %d inputs of %s (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
-                 len(sites), len(pair_inputs), "/".join(pair_ops), self.itex_mode, self.per_channel,
-                 self.smooth_quant and self.sq_alpha)
-        ranges = calibration.collect_activation_ranges(
-            graph, [s.activation for s in sites] + [t for _, _, t in pair_inputs], self.calibration_batches)
+        pairs = {name: sites.find_pair_inputs(graph, pair_ops) for name, graph in graphs.items()}
+        log.info("quantizing %d MatMuls and %d inputs of %s in %s (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
+                 len(found[SERVING]), len(pairs[SERVING]), "/".join(pair_ops), ", ".join(graphs),
+                 self.itex_mode, self.per_channel, self.smooth_quant and self.sq_alpha)
+        ranges = self._calibrate(graphs, found, pairs, functions)
 
-        graph = qdq.insert_input_pairs(graph, pair_inputs, ranges)
-        if self.smooth_quant:
-            graph, sites, ranges = qdq.smooth_activations(graph, sites, ranges, self.sq_alpha)
+        scales = {}   # SmoothQuant scales, shared by the signatures
+        for name in graphs:
+            graphs[name] = qdq.insert_input_pairs(graphs[name], pairs[name], ranges[name])
+            if self.smooth_quant:
+                graphs[name], found[name], ranges[name] = smoothquant.smooth_activations(
+                    graphs[name], found[name], ranges[name], self.sq_alpha, scales)
 
-        def quantize(graph, chosen):
-            form = qdq.insert_qdq_pairs if self.itex_mode else qdq.fuse_int8_matmuls
-            return form(graph.copy(), chosen, ranges, self.per_channel)
-
+        form = qdq.insert_qdq_pairs if self.itex_mode else int8_matmul.fuse_int8_matmuls
         if self.max_accuracy_drop is not None:
             if not self.holdout_batches:
                 raise UserError("the accuracy-aware fallback needs held-out passages")
-            kept = fallback.choose_fp32_sites(graph, sites, quantize, self.holdout_batches,
-                                              self.max_accuracy_drop)
+            trial = weights.Int8Weights(self.per_channel)    # the trials' weights are not kept
+            kept = fallback.choose_fp32_sites(
+                graphs[SERVING], found[SERVING],
+                lambda graph, chosen: form(graph.copy(), chosen, ranges[SERVING], trial),
+                self.holdout_batches, self.max_accuracy_drop)
+            del trial
             self.kept_in_fp32 = [s.matmul for s in kept]
             log.info("kept in FP32: %s", ", ".join(self.kept_in_fp32) or "none")
-            sites = [s for s in sites if s.matmul not in self.kept_in_fp32]
-        graph = quantize(graph, sites)
-        graph = qdq.quantize_embeddings(graph, qdq.find_embeddings(graph))
-        graph = savedmodel.prune(graph)
-        savedmodel.write_graph_def(graph.graph_def, self.output_dir / "converted_graph_def.pb")
+            kept = {sites.weight_key(graphs[SERVING], s) for s in kept}
+            found = {name: [s for s in found[name] if sites.weight_key(graphs[name], s) not in kept] for name in graphs}
+
+        store = weights.Int8Weights(self.per_channel)    # one int8 copy of each weight for all signatures
+        for name, graph in graphs.items():
+            graph = form(graph, found[name], ranges[name], store)
+            graph = weights.quantize_embeddings(graph, sites.find_embeddings(graph), store)
+            graphs[name] = savedmodel.prune(graph)
+            dump = "converted_graph_def.pb" if name == SERVING else f"converted_{name}_graph_def.pb"
+            savedmodel.write_graph_def(graphs[name].graph_def, self.output_dir / dump)
 
         side_files = [self.src / f for f in SIDE_FILES if (self.src / f).exists()]
-        out = savedmodel.save_serving_graph(graph, self.dst, extra_files=side_files)
+        eos_token_id, n_positions = models.generation_settings(self.src)
+        out = savedmodel.save_serving_graph(graphs, self.dst, extra_files=side_files,
+                                            eos_token_id=eos_token_id, n_positions=n_positions)
         log.info("wrote %s (%.1f MB; FP32 %.1f MB)", out, savedmodel.saved_model_size(out) / 1e6,
                  savedmodel.saved_model_size(self.src) / 1e6)
         return out
+
+    def _calibrate(self, graphs, found, pairs, functions):
+        """{signature: Ranges}. serving_default runs the calibration passages; its MatMul ranges
+        serve the same MatMuls (by weight) in prefill and decode, whose other pairs are calibrated
+        on their own inputs: the passages, and for decode each passage's last token after the rest."""
+        serving = graphs[SERVING]
+        tensors = [s.activation for s in found[SERVING]] + [t for _, _, t in pairs[SERVING]]
+        ranges = {SERVING: calibration.collect_activation_ranges(serving, tensors, self.calibration_batches)}
+        by_weight = {sites.weight_key(serving, s): s.activation for s in found[SERVING]}
+        for name in generation.STEPS:
+            if name not in graphs:
+                continue
+            graph = graphs[name]
+            batches = (self.calibration_batches if name == PREFILL
+                       else calibration.decode_batches(functions[PREFILL], self.calibration_batches))
+            own = ([t for _, _, t in pairs[name]] and
+                   calibration.collect_activation_ranges(graph, [t for _, _, t in pairs[name]], batches).channels)
+            channels = dict(own or {})
+            for site in found[name]:
+                key = sites.weight_key(graph, site)
+                if key not in by_weight:
+                    raise UserError(f"'{name}' multiplies by a weight serving_default does not use ({site.matmul})")
+                channels[site.activation] = ranges[SERVING].channels[by_weight[key]]
+            ranges[name] = calibration.Ranges(channels)
+        return ranges

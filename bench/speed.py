@@ -60,14 +60,15 @@ def int8_kernels(model_dir):
 
 def matmul_ceiling(warmup, iterations):
     """Median ms of each bare matmul shape, FP32 and INT8: {(K, N): (fp32, int8)}."""
-    from gptj_int8 import benchmark, qdq, savedmodel
+    from gptj_int8 import benchmark, int8_matmul, savedmodel, sites, weights
     rng = np.random.RandomState(0)
     times = {}
     for k, n in sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS}):
         x = rng.randn(128, k).astype(np.float32)
         graph = savedmodel.matmul_graph(x, (rng.randn(k, n) * 0.02).astype(np.float32))
         ranges = {"x": (float(x.min()), float(x.max()))}
-        int8 = qdq.fuse_int8_matmuls(graph.copy(), qdq.find_matmul_sites(graph), ranges, per_channel=True)
+        int8 = int8_matmul.fuse_int8_matmuls(graph.copy(), sites.find_matmul_sites(graph), ranges,
+                                           weights.Int8Weights(per_channel=True))
         dummy = np.zeros([1, 1], np.int32)
         t = benchmark.time_models([graph.serving_fn(), int8.serving_fn()], [(dummy, dummy)], warmup, iterations)
         times[(k, n)] = tuple(map(common.median_ms, t))

@@ -31,22 +31,37 @@ def _merge(pick, seen, batch):
 
 
 def collect_activation_ranges(graph, tensors, batches):
-    """Ranges of `tensors` over all `batches` of (input_ids, attention_mask, ...)."""
+    """Ranges of `tensors` over all `batches`; a batch is a tuple whose first items are the
+    graph's inputs, in order (further items, such as target lengths, are ignored)."""
     tensors = sorted(set(tensors))
     run = graph.function(fetches=tensors)
+    n_inputs = len(graph.inputs)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)] * 2, autograph=False)
-    def extremes(input_ids, attention_mask):
-        values = run(input_ids, attention_mask)
+    @tf.function(input_signature=list(graph.specs), autograph=False)
+    def extremes(*inputs):
+        values = run(*inputs)
         flat = [tf.reshape(v, [-1, tf.shape(v)[-1]]) for v in values]
         return [tf.reduce_min(v, axis=0) for v in flat], [tf.reduce_max(v, axis=0) for v in flat]
 
     lo, hi = None, None
-    for input_ids, attention_mask, *_ in tqdm(batches, desc="calibrating", unit="batch"):
-        b_lo, b_hi = extremes(tf.constant(input_ids), tf.constant(attention_mask))
+    for batch in tqdm(batches, desc="calibrating", unit="batch"):
+        b_lo, b_hi = extremes(*map(tf.constant, batch[:n_inputs]))
         b_lo, b_hi = [v.numpy() for v in b_lo], [v.numpy() for v in b_hi]
         lo = b_lo if lo is None else [_merge(np.minimum, a, b) for a, b in zip(lo, b_lo)]
         hi = b_hi if hi is None else [_merge(np.maximum, a, b) for a, b in zip(hi, b_hi)]
     if lo is None:
         raise ValueError("calibration saw no batches")
     return Ranges({t: (a, b) for t, a, b in zip(tensors, lo, hi)})
+
+
+def decode_batches(prefill, batches):
+    """Inputs of the decode signature, from calibration batches: each passage but its last token
+    through `prefill` (the FP32 signature), then that token with the cache it returned.
+    The passages are right-padded: a batch of several is cut to its shortest passage. A generator:
+    one cache at a time is held (a 6B model's is ~100 MB per passage)."""
+    for input_ids, attention_mask, *_ in batches:
+        n = int(attention_mask.sum(axis=1).min())
+        if n < 2:
+            continue
+        first = prefill(input_ids=tf.constant(input_ids[:, :n - 1]), attention_mask=tf.constant(attention_mask[:, :n - 1]))
+        yield input_ids[:, n - 1:n], attention_mask[:, :n], first["past_key_values"].numpy()

@@ -46,8 +46,8 @@ def positions(attention_mask, length):
 def greedy_generate(prefill, decode, eos_token_id, n_positions):
     """The `generate` signature: prefill once, then decode one token at a time inside a
     tf.while_loop, until max_new_tokens or every row has produced EOS (rows that did are
-    continued with EOS, as transformers pads finished rows). `prefill` and `decode` take keyword
-    inputs and return dicts, as the signatures do."""
+    continued with EOS, as transformers pads finished rows). `prefill` and `decode` take their
+    inputs in INPUTS order and return dicts, as the signatures do."""
 
     @tf.function(input_signature=[token_spec("input_ids"), token_spec("attention_mask"),
                                   tf.TensorSpec([], tf.int32, name="max_new_tokens")])
@@ -57,7 +57,7 @@ def greedy_generate(prefill, decode, eos_token_id, n_positions):
                       tf.shape(input_ids)[1] + max_new_tokens, n_positions,
                       message=f"prompt + max_new_tokens is longer than the context ({n_positions} tokens)")]
         with tf.control_dependencies(checks):
-            first = prefill(input_ids=input_ids, attention_mask=attention_mask)
+            first = prefill(input_ids, attention_mask)
         token = tf.argmax(first["logits"], axis=-1, output_type=tf.int32)
         done = tf.equal(token, eos_token_id)
         tokens = tf.TensorArray(tf.int32, size=0, dynamic_size=True).write(0, token)
@@ -68,7 +68,7 @@ def greedy_generate(prefill, decode, eos_token_id, n_positions):
 
         def step(i, token, done, mask, past, tokens):
             mask = tf.concat([mask, tf.ones([batch, 1], tf.int32)], axis=1)
-            out = decode(input_ids=token[:, None], attention_mask=mask, past_key_values=past)
+            out = decode(token[:, None], mask, past)
             token = tf.argmax(out["logits"], axis=-1, output_type=tf.int32)
             token = tf.where(done, eos_token_id, token)
             return i + 1, token, done | tf.equal(token, eos_token_id), mask, out[CACHE], tokens.write(i, token)

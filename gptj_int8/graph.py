@@ -67,3 +67,30 @@ class GraphIndex:
         while node.op == "Identity":
             node = self.producer(node.input[0])
         return node
+
+
+class Rewriter:
+    """Edits a ServingGraph's GraphDef and feeds in place; nodes are replaced by name."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.nodes = {n.name: n for n in graph.graph_def.node}
+
+    def add(self, *nodes):
+        for node in nodes:
+            self.nodes[node.name] = node
+
+    def replace_input(self, consumer, index, tensor):
+        self.nodes[consumer].input[index] = tensor
+
+    def read_variable(self, name, variable):
+        """Bind `variable` to a new placeholder `name`; returns the tensor that reads it."""
+        self.graph.feeds[name] = variable
+        self.add(make_resource_placeholder(name),
+                 make_node("ReadVariableOp", f"{name}/read", [name], dtype=variable.dtype))
+        return f"{name}/read"
+
+    def finish(self):
+        del self.graph.graph_def.node[:]
+        self.graph.graph_def.node.extend(self.nodes.values())
+        return self.graph

@@ -147,6 +147,16 @@ def export_saved_model(model, out_dir):
     tf.saved_model.save(module, str(out_dir), signatures=signatures)
 
 
+def generation_settings(model_dir):
+    """(eos_token_id, n_positions) from the config.json beside a SavedModel, or (None, None)."""
+    import json
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None, None
+    config = json.loads(config.read_text())
+    return config.get("eos_token_id"), config.get("n_positions")
+
+
 def context_length(model_dir, default=2048):
     """n_positions from the config.json saved beside a SavedModel."""
     import json

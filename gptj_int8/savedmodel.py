@@ -18,6 +18,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 from tensorflow.python.grappler import tf_optimizer
 
+from . import generation
 from .cli import UserError
 from .graph import make_node, make_resource_placeholder, node_name
 
@@ -31,32 +32,41 @@ OUTPUT = "logits"
 @dataclasses.dataclass
 class ServingGraph:
     graph_def: tf.compat.v1.GraphDef
-    inputs: dict            # input key -> placeholder node name
-    output: str             # tensor name of the logits
+    inputs: dict            # input key -> placeholder node name, in the signature's order
+    outputs: dict           # output key -> tensor name
     feeds: dict             # placeholder node name -> tf.Variable or tf.Tensor
+    specs: list = None      # TensorSpec of each input (default: int32 [batch, seq])
+
+    def __post_init__(self):
+        if self.specs is None:
+            self.specs = [generation.token_spec(k) for k in self.inputs]
+
+    @property
+    def output(self):
+        """The logits tensor."""
+        return self.outputs[OUTPUT]
 
     def function(self, fetches=None):
-        """A tf.function (input_ids, attention_mask) -> list of `fetches` (default: [logits])."""
-        fetches = [f if ":" in f else f"{f}:0" for f in (fetches or [self.output])]
+        """A tf.function of the inputs (in order) -> list of `fetches` (default: every output)."""
+        fetches = [f if ":" in f else f"{f}:0" for f in (fetches or list(self.outputs.values()))]
         graph_def = self.graph_def
         feeds = dict(self.feeds)
-        inputs = dict(self.inputs)
+        placeholders = list(self.inputs.values())
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=k) for k in INPUTS],
-                     autograph=False)
-        def run(input_ids, attention_mask):
+        @tf.function(input_signature=list(self.specs), autograph=False)
+        def run(*args):
             input_map = {f"{name}:0": tf.identity(v.handle if isinstance(v, tf.Variable) else v)
                          for name, v in feeds.items()}
-            input_map[f"{inputs['input_ids']}:0"] = input_ids
-            input_map[f"{inputs['attention_mask']}:0"] = attention_mask
+            input_map.update({f"{name}:0": arg for name, arg in zip(placeholders, args)})
             return tf.graph_util.import_graph_def(graph_def, input_map=input_map,
                                                   return_elements=fetches, name="model")
         return run
 
     def serving_fn(self):
-        """The graph as a serving function: fn(input_ids=..., attention_mask=...) -> {"logits": ...}."""
+        """The graph as a signature function: fn(**inputs) -> {output key: tensor}."""
         run = self.function()
-        return lambda input_ids, attention_mask: {OUTPUT: run(input_ids, attention_mask)[0]}
+        keys, outputs = list(self.inputs), list(self.outputs)
+        return lambda **kw: dict(zip(outputs, run(*[kw[k] for k in keys])))
 
     def copy(self):
         graph_def = tf.compat.v1.GraphDef()
@@ -84,7 +94,7 @@ def matmul_graph(x, w, bias=None):
         out = "out:0"
     graph_def = tf.compat.v1.GraphDef()
     graph_def.node.extend(nodes)
-    return ServingGraph(graph_def, {name: name for name in INPUTS}, out, feeds)
+    return ServingGraph(graph_def, {name: name for name in INPUTS}, {OUTPUT: out}, feeds)
 
 
 def check_saved_model_dir(path):
@@ -121,6 +131,25 @@ def load_serving_function(path):
     return loaded, fn
 
 
+def load_signatures(path):
+    """(loaded object, {signature: concrete function}): serving_default, checked, and the
+    generation steps (prefill, decode) when the model has them (models exported before they
+    existed have serving_default only)."""
+    loaded, fn = load_serving_function(path)
+    functions = {SIGNATURE: fn}
+    steps = [name for name in generation.STEPS if name in loaded.signatures]
+    if steps and len(steps) < len(generation.STEPS):
+        raise UserError(f"SavedModel {path} has '{steps[0]}' without its pair; re-export it with prepare_model.py")
+    for name in steps:
+        step = loaded.signatures[name]
+        if (set(step.structured_input_signature[1]) != set(generation.INPUTS[name])
+                or set(step.structured_outputs) != set(generation.OUTPUTS[name])):
+            raise UserError(f"'{name}' of {path} does not take {', '.join(generation.INPUTS[name])} "
+                            f"and return {', '.join(generation.OUTPUTS[name])}")
+        functions[name] = step
+    return loaded, functions
+
+
 def _inline_functions(fn):
     """Grappler's function inlining alone: one flat GraphDef, variables still read by handle."""
     meta = tf.compat.v1.train.export_meta_graph(graph_def=fn.graph.as_graph_def(), graph=fn.graph)
@@ -133,25 +162,26 @@ def _inline_functions(fn):
     return tf_optimizer.OptimizeGraph(config, meta)
 
 
-def extract_serving_graph(loaded, fn):
-    """The serving function as a ServingGraph (weights bound to the loaded variables)."""
+def extract_serving_graph(loaded, fn, signature=SIGNATURE):
+    """A signature's function as a ServingGraph (weights bound to the loaded variables)."""
     variables = {id(v.handle): v for v in tf.train.TrackableView(loaded).descendants()
                  if isinstance(v, tf.Variable)}
     # a captured tensor that is no variable (a small constant) is fed as it is
     feeds = {internal.op.name: variables.get(id(external), external) for external, internal in fn.graph.captures}
     graph_def = _inline_functions(fn)
     # a signature's outputs are its dict of tensors flattened in sorted key order
-    output = fn.outputs[sorted(fn.structured_outputs).index(OUTPUT)].name
+    keys = sorted(fn.structured_outputs)
+    outputs = {key: fn.outputs[keys.index(key)].name for key in generation.OUTPUTS.get(signature, keys)}
+    specs = fn.structured_input_signature[1]
     inputs = {}
-    for key in INPUTS:
-        spec = fn.structured_input_signature[1][key]
+    for key in generation.INPUTS.get(signature, sorted(specs)):
         inputs[key] = next(t.op.name for t in fn.inputs
-                           if t.dtype != tf.resource and t.op.name in (spec.name, key))
-    return ServingGraph(graph_def, inputs, output, feeds)
+                           if t.dtype != tf.resource and t.op.name in (specs[key].name, key))
+    return ServingGraph(graph_def, inputs, outputs, feeds, [specs[k] for k in inputs])
 
 
 def prune(graph):
-    """Drop every node the logits do not depend on (e.g. reads of weights replaced by int8).
+    """Drop every node the outputs do not depend on (e.g. reads of weights replaced by int8).
 
     Inlining leaves control edges from every variable read to the function's output; they only
     order reads, and they would keep the replaced FP32 weights alive, so they are not followed
@@ -159,7 +189,7 @@ def prune(graph):
     reads = {n.name for n in graph.graph_def.node if n.op == "ReadVariableOp"}
     inputs = {n.name: [i for i in n.input if not (i.startswith("^") and i[1:] in reads)]
               for n in graph.graph_def.node}
-    names, stack = set(), [node_name(graph.output), *graph.inputs.values()]
+    names, stack = set(), [*map(node_name, graph.outputs.values()), *graph.inputs.values()]
     while stack:
         name = stack.pop()
         if name not in names:
@@ -235,28 +265,40 @@ def atomic_folder(out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_serving_graph(graph, out_dir, extra_files=()):
-    """Rebuild a SavedModel from `graph`: serving_default(input_ids, attention_mask) -> logits.
+def _signature_function(graph):
+    """A concrete function of the graph's inputs, named as its signature's, returning its dict of outputs."""
+    run = graph.function()
+    outputs = list(graph.outputs)
+    specs = [tf.TensorSpec(spec.shape, spec.dtype, name=key) for key, spec in zip(graph.inputs, graph.specs)]
+    return tf.function(lambda *args: dict(zip(outputs, run(*args)))).get_concrete_function(*specs)
+
+
+def save_serving_graph(graphs, out_dir, extra_files=(), eos_token_id=None, n_positions=None):
+    """Rebuild a SavedModel from `graphs` ({signature: ServingGraph}, or one ServingGraph for
+    serving_default). With prefill and decode (and the model's EOS and context length), the
+    `generate` signature is built over them (generation.greedy_generate). Variables shared by
+    several graphs are stored once.
 
     Written through atomic_folder, so a failed run leaves an existing model untouched.
     `extra_files` (tokenizer, config) are copied beside it."""
+    if isinstance(graphs, ServingGraph):
+        graphs = {SIGNATURE: graphs}
     out_dir = Path(out_dir).resolve()
-    need = sum(v.shape.num_elements() * v.dtype.size for v in graph.variables()) + graph.graph_def.ByteSize()
+    variables = list({id(v): v for g in graphs.values() for v in g.variables()}.values())
+    need = (sum(v.shape.num_elements() * v.dtype.size for v in variables)
+            + sum(g.graph_def.ByteSize() for g in graphs.values()))
     free = shutil.disk_usage(out_dir.parent if out_dir.parent.exists() else Path.cwd()).free
     if need * 1.1 + (64 << 20) > free:
         raise UserError(f"not enough disk space for {out_dir}: about {need / 1e9:.2f} GB needed, "
                         f"{free / 1e9:.2f} GB free")
     with atomic_folder(out_dir) as tmp:
         module = tf.Module()
-        module.weights = graph.variables()
-        run = graph.function()
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=k) for k in INPUTS])
-        def serving(input_ids, attention_mask):
-            return {OUTPUT: run(input_ids, attention_mask)[0]}
-
-        module.serving = serving
-        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: serving})
+        module.weights = variables
+        signatures = {name: _signature_function(graph) for name, graph in graphs.items()}
+        if all(s in graphs for s in generation.STEPS) and eos_token_id is not None and n_positions:
+            signatures[generation.GENERATE] = generation.greedy_generate(
+                signatures[generation.PREFILL], signatures[generation.DECODE], eos_token_id, n_positions)
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
     return out_dir

@@ -165,7 +165,7 @@ def test_passages_longer_than_the_context_are_cut_and_counted(tmp_path, tiny_fp3
 def test_not_enough_disk_space(tmp_path, monkeypatch):
     import shutil
     from gptj_int8 import cli, savedmodel
-    graph = savedmodel.ServingGraph(tf.compat.v1.GraphDef(), {}, "x:0", {"w": tf.Variable(tf.zeros([1000]))})
+    graph = savedmodel.ServingGraph(tf.compat.v1.GraphDef(), {}, {"logits": "x:0"}, {"w": tf.Variable(tf.zeros([1000]))})
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
     with pytest.raises(cli.UserError, match="not enough disk space"):
         savedmodel.save_serving_graph(graph, tmp_path / "model")

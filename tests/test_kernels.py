@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gptj_int8 import calibration, qdq, savedmodel
+from gptj_int8 import calibration, int8_matmul, qdq, savedmodel, sites, smoothquant, weights
 from gptj_int8.graph import make_const, make_node, make_resource_placeholder
 
 
@@ -25,10 +25,10 @@ def test_fused_int8_matmul_matches_float64(shift, with_bias, per_channel):
     bias = (rng.randn(384) * 0.1).astype(np.float32) if with_bias else None
     ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if bias is None else bias)
     graph = savedmodel.matmul_graph(x, w, bias)
-    sites = qdq.find_matmul_sites(graph)
-    assert len(sites) == 1 and (sites[0].bias_add is not None) == with_bias
+    found = sites.find_matmul_sites(graph)
+    assert len(found) == 1 and (found[0].bias_add is not None) == with_bias
     ranges = {"x": (float(x.min()), float(x.max()))}
-    fused = qdq.fuse_int8_matmuls(graph, sites, ranges, per_channel=per_channel)
+    fused = int8_matmul.fuse_int8_matmuls(graph, found, ranges, weights.Int8Weights(per_channel))
     assert [n.op for n in fused.graph_def.node].count("_QuantizedMatMul") == 1
     out = _run(fused)
     rel = np.abs(out - ref).mean() / np.abs(ref).mean()
@@ -41,8 +41,8 @@ def test_qdq_form_matches_float64_and_stores_int8(per_channel):
     x = rng.randn(32, 256).astype(np.float32)
     w = (rng.randn(256, 128) * 0.05).astype(np.float32) * np.linspace(0.1, 2.0, 128, dtype=np.float32)
     graph = savedmodel.matmul_graph(x, w)
-    out_graph = qdq.insert_qdq_pairs(graph, qdq.find_matmul_sites(graph), {"x": (float(x.min()), float(x.max()))},
-                                     per_channel=per_channel)
+    out_graph = qdq.insert_qdq_pairs(graph, sites.find_matmul_sites(graph), {"x": (float(x.min()), float(x.max()))},
+                                     weights.Int8Weights(per_channel))
     out_graph = savedmodel.prune(out_graph)
     stored = [v for v in out_graph.variables()]
     assert [v.dtype for v in stored] == [tf.int8]
@@ -77,17 +77,17 @@ def test_matmuls_reading_one_tensor_share_one_kernel(per_channel, smooth):
     graph_def.node.extend(nodes)
     feeds = {"x": tf.constant(x), "b": tf.Variable(bias), **{f"w{i}": tf.Variable(w[i]) for i in range(3)}}
     graph = savedmodel.ServingGraph(graph_def, {"input_ids": "input_ids", "attention_mask": "attention_mask"},
-                                    "mm0:0", feeds)
+                                    {"logits": "mm0:0"}, feeds)
 
-    graph, sites = qdq.share_equal_inputs(graph, qdq.find_matmul_sites(graph))
-    assert [s.activation for s in sites] == ["flat0", "flat0", "flat2"]
+    graph, found = sites.share_equal_inputs(graph, sites.find_matmul_sites(graph))
+    assert [s.activation for s in found] == ["flat0", "flat0", "flat2"]
     dummy = (np.zeros((1, 1), np.int32),) * 2
     ranges = calibration.collect_activation_ranges(graph, ["flat0", "flat2"], [dummy])
     assert ranges["flat0"] == pytest.approx((x.min(), x.max()))
     if smooth:
-        graph, sites, ranges = qdq.smooth_activations(graph, sites, ranges, 0.5)
-        assert sites[0].activation == sites[1].activation != sites[2].activation
-    fused = qdq.fuse_int8_matmuls(graph, sites, ranges, per_channel=per_channel)
+        graph, found, ranges = smoothquant.smooth_activations(graph, found, ranges, 0.5)
+        assert found[0].activation == found[1].activation != found[2].activation
+    fused = int8_matmul.fuse_int8_matmuls(graph, found, ranges, weights.Int8Weights(per_channel))
     ops = [n.op for n in fused.graph_def.node]
     assert ops.count("_QuantizedMatMul") == 2 and ops.count("SplitV") == 1 and ops.count("QuantizeV2") == 2
     assert sum(n.name.endswith("/smooth") for n in fused.graph_def.node) == (2 if smooth else 0)
@@ -101,11 +101,11 @@ def test_matmuls_reading_one_tensor_share_one_kernel(per_channel, smooth):
 def test_symmetric_quantization_in_blocks_equals_whole():
     rng = np.random.RandomState(2)
     w = rng.randn(100, 30).astype(np.float32)
-    q_whole, a_whole = qdq.quantize_symmetric(w, axis=1, block_elements=10 ** 9)
-    q_blocks, a_blocks = qdq.quantize_symmetric(tf.Variable(w), axis=1, block_elements=90)
+    q_whole, a_whole = weights.quantize_symmetric(w, axis=1, block_elements=10 ** 9)
+    q_blocks, a_blocks = weights.quantize_symmetric(tf.Variable(w), axis=1, block_elements=90)
     np.testing.assert_array_equal(q_whole, q_blocks)
     np.testing.assert_array_equal(a_whole, a_blocks)
-    q_cols, a_cols = qdq.quantize_symmetric(tf.Variable(w), axis=0, block_elements=90)
+    q_cols, a_cols = weights.quantize_symmetric(tf.Variable(w), axis=0, block_elements=90)
     np.testing.assert_array_equal(a_cols, np.abs(w).max(axis=0))
     assert np.abs(q_cols.astype(np.float32) * (a_cols[None, :] / 127) - w).max() <= a_cols.max() / 254 + 1e-6
     assert np.abs(q_whole.astype(np.float32) * (a_whole[:, None] / 127) - w).max() <= a_whole.max() / 254 + 1e-6
@@ -136,13 +136,14 @@ def test_model_with_weights_over_2gb_converts(tmp_path):
     loaded, fn = savedmodel.load_serving_function(src)
     graph = savedmodel.extract_serving_graph(loaded, fn)
     assert graph.graph_def.ByteSize() < 1 << 20           # the weights are not in the protobuf
-    sites = qdq.find_matmul_sites(graph)
-    assert len(sites) == 1
+    found = sites.find_matmul_sites(graph)
+    assert len(found) == 1
     ids = np.arange(16, dtype=np.int32)[None]
     batch = (ids, np.ones_like(ids))
-    ranges = calibration.collect_activation_ranges(graph, [sites[0].activation], [batch])
-    graph = qdq.fuse_int8_matmuls(graph, sites, ranges)
-    graph = savedmodel.prune(qdq.quantize_embeddings(graph, qdq.find_embeddings(graph)))
+    ranges = calibration.collect_activation_ranges(graph, [found[0].activation], [batch])
+    store = weights.Int8Weights(per_channel=False)
+    graph = int8_matmul.fuse_int8_matmuls(graph, found, ranges, store)
+    graph = savedmodel.prune(weights.quantize_embeddings(graph, sites.find_embeddings(graph), store))
     assert graph.graph_def.ByteSize() < 1 << 20
     dst = savedmodel.save_serving_graph(graph, tmp_path / "wide_int8")
     assert savedmodel.saved_model_size(dst) < 0.3 * savedmodel.saved_model_size(src)
@@ -163,15 +164,15 @@ def test_smooth_quant_keeps_the_product_and_tames_an_outlier_channel(fuse):
     ref = x.astype(np.float64) @ w.astype(np.float64)
     graph = savedmodel.matmul_graph(x, w)
     dummy = (np.zeros((1, 1), np.int32),) * 2
-    sites = qdq.find_matmul_sites(graph)
-    ranges = calibration.collect_activation_ranges(graph, [sites[0].activation], [dummy])
+    found = sites.find_matmul_sites(graph)
+    ranges = calibration.collect_activation_ranges(graph, [found[0].activation], [dummy])
     errors = {}
     for alpha in (None, 0.5):
-        g = savedmodel.ServingGraph(graph.graph_def.__deepcopy__(), graph.inputs, graph.output, dict(graph.feeds))
-        s, r = sites, ranges
+        g = savedmodel.ServingGraph(graph.graph_def.__deepcopy__(), graph.inputs, graph.outputs, dict(graph.feeds))
+        s, r = found, ranges
         if alpha is not None:
-            g, s, r = qdq.smooth_activations(g, sites, ranges, alpha)
+            g, s, r = smoothquant.smooth_activations(g, found, ranges, alpha)
             assert r[s[0].activation][1] < ranges["x"][1] / 5          # the range int8 must cover shrank
-        g = (qdq.fuse_int8_matmuls if fuse else qdq.insert_qdq_pairs)(g, s, r)
+        g = (int8_matmul.fuse_int8_matmuls if fuse else qdq.insert_qdq_pairs)(g, s, r, weights.Int8Weights(False))
         errors[alpha] = np.abs(_run(g) - ref).mean() / np.abs(ref).mean()
     assert errors[0.5] < 0.5 * errors[None], errors

@@ -72,12 +72,12 @@ class _FakeGraph:
 
 
 def test_fallback_keeps_the_harmful_matmul_in_fp32():
-    from gptj_int8 import fallback, qdq
-    sites = [qdq.MatMulSite(name, "x", "w") for name in ("mild", "harmful", "harmless")]
+    from gptj_int8 import fallback, sites
+    found = [sites.MatMulSite(name, "x", "w") for name in ("mild", "harmful", "harmless")]
     batches = data.batches([([1, 2, 3, 4], 1), ([2, 3, 4, 5], 1), ([3, 4, 5, 6], 1), ([4, 5, 6, 7], 1)],
                            2, 0)
-    kept = fallback.choose_fp32_sites(_FakeGraph(), sites, lambda g, chosen: _FakeGraph(chosen),
+    kept = fallback.choose_fp32_sites(_FakeGraph(), found, lambda g, chosen: _FakeGraph(chosen),
                                       batches, max_drop=0.5)
     assert [s.matmul for s in kept] == ["harmful"]
-    assert fallback.choose_fp32_sites(_FakeGraph(), sites, lambda g, chosen: _FakeGraph(chosen),
+    assert fallback.choose_fp32_sites(_FakeGraph(), found, lambda g, chosen: _FakeGraph(chosen),
                                       batches, max_drop=60.0) == []

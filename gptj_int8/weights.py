@@ -1,0 +1,156 @@
+"""Int8 numbers: activation ranges, weights quantized in blocks, the compensated int32 bias, and
+one store of int8 variables, so every signature of a model reads the same int8 copy of a weight."""
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from .graph import Rewriter, make_const, make_node
+
+
+def _cpu_has_vnni():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+# Without VNNI, oneDNN's u8 x s8 kernels add pairs of products in int16 (vpmaddubsw), which
+# saturates once 2 * 255 * 127 > 32767. Activations then use 128 levels, 2 * 127 * 127 fits.
+ACTIVATION_LEVELS = 256 if _cpu_has_vnni() else 128
+
+
+def activation_range(lo, hi):
+    """A calibrated range that holds zero and is never empty."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-6:
+        hi = lo + 1e-6
+    return lo, hi
+
+
+def _row_blocks(w, block_elements=1 << 24):
+    """(start, stop) of blocks of rows of `w` holding at most `block_elements` values each."""
+    rows = max(1, block_elements // max(1, int(np.prod(w.shape[1:]))))
+    return [(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
+
+
+def _read(w, i, j):
+    return np.asarray(w[i:j], np.float32)
+
+
+def absolute_max(w, axis=None, block_elements=1 << 24):
+    """max |w| of the whole tensor (axis=None), of each row (axis=1) or of each column (axis=0),
+    read in blocks of rows."""
+    blocks = _row_blocks(w, block_elements)
+    if axis is None:
+        return np.float32(max(float(np.abs(_read(w, i, j)).max()) for i, j in blocks))
+    if axis == 1:
+        return np.concatenate([np.abs(_read(w, i, j)).max(axis=1) for i, j in blocks])
+    out = np.zeros(w.shape[1], np.float32)
+    for i, j in blocks:
+        out = np.maximum(out, np.abs(_read(w, i, j)).max(axis=0))
+    return out
+
+
+def quantize_symmetric(w, axis=None, block_elements=1 << 24):
+    """int8 weights in [-127, 127] and the absolute maximum they scale to: one for the whole
+    tensor (axis=None), one per row (axis=1, reduced along the row) or one per column (axis=0).
+
+    `w` is a numpy array, a tf.Variable or anything with `.shape` and row slicing, read in blocks
+    of rows (64 MB of float32 at most), so a 50400 x 4096 embedding is never copied whole, nor has
+    a full-size temporary beside it."""
+    absmax = np.maximum(absolute_max(w, axis, block_elements), np.float32(1e-8)).astype(np.float32)
+    q = np.empty(w.shape, np.int8)
+    for i, j in _row_blocks(w, block_elements):
+        if axis is None:
+            scale = np.float32(127.0) / absmax
+        elif axis == 1:
+            scale = np.float32(127.0) / absmax[i:j, None]
+        else:
+            scale = np.float32(127.0) / absmax[None, :]
+        q[i:j] = np.clip(np.rint(_read(w, i, j) * scale), -127, 127)
+    return q, absmax
+
+
+def compensated_int32_bias(bias, column_sums, weight_absmax, lo, hi):
+    """The qint32 bias of a u8 (MIN_FIRST) x s8 matmul: the float bias in accumulator units plus
+    the activation's zero point times each column's int8 weight sum, which the kernel cannot see."""
+    scale_a = 255.0 / (hi - lo)
+    scale_w = 127.0 / float(weight_absmax)
+    return np.rint(bias.astype(np.float64) * scale_a * scale_w
+                   + column_sums.astype(np.float64) * np.rint(lo * scale_a)).astype(np.int32)
+
+
+class ScaledRows:
+    """A weight whose row k reads multiplied by scale[k], block by block (SmoothQuant)."""
+
+    def __init__(self, weight, scale):
+        self.weight, self.scale, self.shape = weight, scale, tuple(weight.shape)
+
+    def __getitem__(self, rows):
+        return np.asarray(self.weight[rows], np.float32) * self.scale[rows, None]
+
+
+class Int8Weights:
+    """The int8 variables of one conversion. A weight read by several signatures (serving_default,
+    prefill, decode) is quantized once and stored once: the same key gives the same variable."""
+
+    def __init__(self, per_channel):
+        self.per_channel = per_channel
+        self._made = {}
+
+    def matmul(self, graph, sites):
+        """The weights of `sites` side by side as one int8 variable [K, sum of N], with the
+        absolute maximum each column scales to and each column's int8 sum."""
+        key = ("matmul", tuple((id(graph.feeds[s.weight]), None if s.row_scale is None else s.row_scale.tobytes())
+                               for s in sites))
+        if key not in self._made:
+            parts = []
+            for site in sites:
+                w = graph.feeds[site.weight]
+                q, absmax = quantize_symmetric(w if site.row_scale is None else ScaledRows(w, site.row_scale),
+                                               axis=0 if self.per_channel else None)
+                parts.append((q, np.broadcast_to(absmax, (q.shape[1],))))
+            q = parts[0][0] if len(parts) == 1 else np.concatenate([p for p, _ in parts], axis=1)
+            absmax = np.concatenate([a for _, a in parts]).astype(np.float32)
+            del parts
+            name = f"{sites[0].matmul if len(sites) == 1 else sites[0].activation}_int8".replace("/", "_").replace(":", "_")
+            self._made[key] = (tf.Variable(q, trainable=False, name=name), absmax,
+                               q.sum(axis=0, dtype=np.int64))
+        return self._made[key]
+
+    def embedding(self, table):
+        """(int8 table, float32 scale per row) variables of an embedding table."""
+        key = ("embedding", id(table))
+        if key not in self._made:
+            q, absmax = quantize_symmetric(table, axis=1)
+            name = table.name.split(":")[0].replace("/", "_")
+            self._made[key] = (tf.Variable(q, trainable=False, name=f"{name}_int8"),
+                               tf.Variable((absmax / 127.0).astype(np.float32), trainable=False,
+                                           name=f"{name}_row_scale"))
+        return self._made[key]
+
+
+def quantize_embeddings(graph, embeddings, store):
+    """Embedding tables stored int8 with one scale per row; rows are dequantized after the lookup."""
+    rw = Rewriter(graph)
+    for gather, holder in embeddings:
+        table, row_scale = store.embedding(rw.graph.feeds[holder])
+        old = rw.nodes[gather]
+        rw.read_variable(f"{gather}/table_int8", table)
+        rw.read_variable(f"{gather}/row_scale", row_scale)
+        indices = old.input[1]
+        attrs = {"batch_dims": old.attr["batch_dims"].i, "validate_indices": old.attr["validate_indices"].b,
+                 "Tindices": tf.as_dtype(old.attr["Tindices"].type)}
+        rw.add(make_node("ResourceGather", f"{gather}/rows_int8", [f"{gather}/table_int8", indices],
+                         dtype=tf.int8, **attrs),
+               make_node("ResourceGather", f"{gather}/scales", [f"{gather}/row_scale", indices],
+                         dtype=tf.float32, **attrs),
+               make_node("Cast", f"{gather}/rows", [f"{gather}/rows_int8"], SrcT=tf.int8, DstT=tf.float32,
+                         Truncate=False),
+               make_const(f"{gather}/last_axis", -1, tf.int32),
+               make_node("ExpandDims", f"{gather}/scales_column", [f"{gather}/scales", f"{gather}/last_axis"],
+                         T=tf.float32, Tdim=tf.int32),
+               make_node("Mul", gather, [f"{gather}/rows", f"{gather}/scales_column"], T=tf.float32))
+    return rw.finish()
