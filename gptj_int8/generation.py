@@ -15,6 +15,7 @@ against a cache preallocated to the context and written in place by bench/genera
 Positions come from the attention mask (the count of real tokens before each one), so a
 left-padded prompt gets the positions it would have alone.
 """
+import numpy as np
 import tensorflow as tf
 
 SERVING, PREFILL, DECODE, GENERATE = "serving_default", "prefill", "decode", "generate"
@@ -84,3 +85,75 @@ def greedy_generate(prefill, decode, eos_token_id, n_positions):
         return {"sequences": tf.concat([input_ids, new], axis=1)}
 
     return generate
+
+
+##### Host-driven generation over the prefill and decode signatures #####
+
+
+def has_generation(loaded):
+    return all(name in loaded.signatures for name in (*STEPS, GENERATE))
+
+
+def left_pad(prompts, pad_id):
+    """Left-padded int32 (input_ids, attention_mask) for token id lists, as `generate` expects."""
+    width = max(len(p) for p in prompts)
+    input_ids = np.full((len(prompts), width), pad_id, np.int32)
+    attention_mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = prompt
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def greedy(logits):
+    return logits.argmax(-1).astype(np.int32)
+
+
+def sampler(temperature=1.0, top_k=None, top_p=1.0, seed=None):
+    """A choice of next tokens from logits [batch, vocab]: softmax at `temperature`, restricted
+    to the `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`."""
+    rng = np.random.default_rng(seed)
+
+    def choose(logits):
+        logits = logits.astype(np.float64) / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+            logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        if top_p < 1.0:
+            order = np.argsort(-probs, axis=-1)
+            sorted_probs = np.take_along_axis(probs, order, -1)
+            # keep a token while the probability before it is below top_p (the first always stays)
+            keep_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
+            keep = np.zeros_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, -1)
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum(-1, keepdims=True)
+        return np.array([rng.choice(len(p), p=p) for p in probs], np.int32)
+    return choose
+
+
+def stream(prefill, decode, input_ids, attention_mask, max_new_tokens, choose=greedy, eos_token_id=None,
+           forced=None):
+    """Yield (tokens [batch], logits [batch, vocab]) one step at a time: prefill, then decode.
+
+    Rows that produced EOS go on with EOS, and the loop ends when all have. With `forced`
+    ([batch, max_new_tokens]), each step feeds the forced token instead of the chosen one
+    (teacher forcing), while still yielding the chosen one."""
+    out = prefill(input_ids=tf.constant(input_ids), attention_mask=tf.constant(attention_mask))
+    mask = np.asarray(attention_mask, np.int32)
+    done = np.zeros(len(input_ids), bool)
+    for step in range(max_new_tokens):
+        logits = out["logits"].numpy()
+        tokens = choose(logits)
+        if eos_token_id is not None:
+            tokens = np.where(done, eos_token_id, tokens).astype(np.int32)
+            done |= tokens == eos_token_id
+        yield tokens, logits
+        if step + 1 == max_new_tokens or (eos_token_id is not None and done.all() and forced is None):
+            return
+        fed = tokens if forced is None else forced[:, step]
+        mask = np.concatenate([mask, np.ones((len(mask), 1), np.int32)], axis=1)
+        out = decode(input_ids=tf.constant(fed[:, None]), attention_mask=tf.constant(mask),
+                     past_key_values=out[CACHE])
