@@ -7,6 +7,11 @@ passage's last token equals that token. LAMBADA's last-word accuracy (every toke
 word predicted greedily), 95% confidence intervals, the agreement and KL divergence of the two
 models and a paired test of their accuracy difference are printed after the blocks.
 The two models are timed call by call in turn, on CPU.
+
+When both models have the generation signatures, each also continues --gen_samples prompts (the
+context before a passage's last word) by --max_new_tokens greedy tokens, the two in turn prompt
+by prompt: time to the first token, time of each further token, tokens per second, and how often
+INT8 picks FP32's token when both continue FP32's text (teacher-forced agreement).
 Writes <output_dir>/results.json and <output_dir>/results.png.
 """
 import argparse
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptj_int8 import benchmark, cli, data, models, savedmodel
+from gptj_int8 import benchmark, cli, data, generation, models, savedmodel
 
 log = logging.getLogger("run_benchmark")
 DEFAULT_MODEL = models.default_export_dir(models.BUNDLED_MODEL)
@@ -36,9 +41,12 @@ def write_chart(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = ["original", "converted"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "latency_ms", "latency (ms)")):
-        values = [results[n][key] * (100 if key == "accuracy" else 1) for n in names]
+    panels = [("accuracy", "accuracy (%)", 100), ("latency_ms", "latency (ms)", 1)]
+    if "tokens_per_s" in results["original"]:
+        panels.append(("tokens_per_s", "generation (tokens/s)", 1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    for ax, (key, label, factor) in zip(axes, panels):
+        values = [results[n][key] * factor for n in names]
         ax.bar(["FP32", "INT8"], values, color=["#888888", "#1f77b4"])
         ax.set_title(label)
         for i, v in enumerate(values):
@@ -48,6 +56,26 @@ def write_chart(results, path):
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def benchmark_generation(original, converted, sequences, args, max_length):
+    """Generation figures: (FP32's, INT8's, the pair's) dicts, or None (and a log line) when a model
+    has no generation signatures."""
+    missing = [name for name, m in (("original", original), ("converted", converted))
+               if not generation.has_generation(m)]
+    if missing:
+        log.info("no generation benchmark: the %s model has no generation signatures "
+                 "(re-export it with prepare_model.py)", " and ".join(missing))
+        return None
+    room = max_length - args.max_new_tokens
+    prompts = [ids[:-n][-room:] for ids, n in sequences[:args.gen_samples]]
+    steps = [(m.signatures[generation.PREFILL], m.signatures[generation.DECODE]) for m in (original, converted)]
+    fp32, int8 = benchmark.compare_generation(steps, prompts, args.max_new_tokens)
+    pair = {"generation_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+            "teacher_forced_agreement": int8.pop("teacher_forced_agreement"),
+            "common_prefix": int8.pop("common_prefix"),
+            "next_token_speedup": fp32["next_token_ms"] / int8["next_token_ms"] if int8["next_token_ms"] else None}
+    return fp32, int8, pair
 
 
 def main():
@@ -61,14 +89,17 @@ def main():
     p.add_argument("--batch_size", type=cli.positive_int, default=1)
     p.add_argument("--warmup", type=cli.non_negative_int, default=5)
     p.add_argument("--iterations", type=cli.positive_int, default=50, help="timed calls per model")
+    p.add_argument("--gen_samples", type=cli.non_negative_int, default=50,
+                   help="prompts to continue with generation (0: no generation benchmark)")
+    p.add_argument("--max_new_tokens", type=cli.positive_int, default=32, help="greedy tokens per prompt")
     args = p.parse_args()
 
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or models.default_converted_dir(input_model))
     for path in (input_model, converted):
         savedmodel.check_saved_model_dir(path)
-    _, original_fn = savedmodel.load_serving_function(input_model)
-    _, converted_fn = savedmodel.load_serving_function(converted)
+    original, original_fn = savedmodel.load_serving_function(input_model)
+    converted_obj, converted_fn = savedmodel.load_serving_function(converted)
     tokenizer = models.load_tokenizer(input_model)
     max_length = models.context_length(input_model)
     sequences = data.encode_passages(tokenizer, data.load_passages(args.dataset, args.num_samples), max_length)
@@ -94,6 +125,11 @@ def main():
     results["kl_divergence"] = benchmark.mean_kl_divergence(logits_a, logits_b)
     results["accuracy_diff_pvalue"] = benchmark.mcnemar_pvalue(token_a, token_b)
     results["speedup"] = results["original"]["latency_ms"] / results["converted"]["latency_ms"]
+    generated = args.gen_samples and benchmark_generation(original, converted_obj, sequences, args, max_length)
+    if generated:
+        results["original"].update(generated[0])
+        results["converted"].update(generated[1])
+        results.update(generated[2])
     results["size_mb"] = {"original": savedmodel.saved_model_size(input_model) / 1e6,
                           "converted": savedmodel.saved_model_size(converted) / 1e6}
 
@@ -119,6 +155,15 @@ def main():
           f"KL {results['kl_divergence']:.5f} nats, accuracy difference p={results['accuracy_diff_pvalue']:.3f} "
           f"(McNemar), speed-up {results['speedup']:.2f}x, "
           f"size {results['size_mb']['converted']:.1f} MB vs {results['size_mb']['original']:.1f} MB")
+    if generated:
+        print(f"generation, {results['generation_prompts']} prompts x {results['max_new_tokens']} greedy tokens, batch 1:")
+        for name in ("original", "converted"):
+            r = results[name]
+            print(f"{name:>9}: first token {r['first_token_ms']:.1f} ms, next token {r['next_token_ms']:.2f} ms, "
+                  f"{r['tokens_per_s']:.1f} tokens/s")
+        print(f"INT8 vs FP32: next token {results['next_token_speedup']:.2f}x faster, teacher-forced agreement "
+              f"{results['teacher_forced_agreement'] * 100:.2f}%, common prefix {results['common_prefix']:.1f} "
+              f"of {results['max_new_tokens']} tokens")
 
 
 if __name__ == "__main__":

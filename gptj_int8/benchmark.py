@@ -84,3 +84,52 @@ def mcnemar_pvalue(hits_a, hits_b):
     if only_a + only_b == 0:
         return 1.0
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def compare_generation(steps, prompts, max_new_tokens, warmup=1):
+    """Greedy generation of `max_new_tokens` from each prompt (batch 1) by each model in `steps`
+    ([(prefill, decode)], the reference first), model by model in turn for every prompt, so that a
+    noisy machine slows each alike. EOS does not stop it: every run makes the same number of tokens.
+
+    Returns per model {first_token_ms (median), next_token_ms (median), tokens_per_s}, and for each
+    other model against the first: `teacher_forced_agreement`, the share of its greedy tokens equal
+    to the reference's when both continue the reference's text, and `common_prefix`, the mean
+    number of leading tokens its own free-running continuation shares with the reference's."""
+    from . import generation
+
+    def run(prefill, decode, ids, forced=None):
+        times, tokens = [], []
+        start = time.perf_counter()
+        for token, _ in generation.stream(prefill, decode, ids, np.ones_like(ids), max_new_tokens, forced=forced):
+            times.append(time.perf_counter() - start)
+            tokens.append(token[0])
+            start = time.perf_counter()
+        return np.array(times), np.array(tokens)
+
+    for ids in prompts[:warmup]:
+        for prefill, decode in steps:
+            run(prefill, decode, np.array([ids], np.int32))
+    times = [[] for _ in steps]
+    agree = [[] for _ in steps]
+    prefix = [[] for _ in steps]
+    for ids in tqdm(prompts, desc="generating", unit="prompt"):
+        ids = np.array([ids], np.int32)
+        outs = [run(prefill, decode, ids) for prefill, decode in steps]
+        for m, (prefill, decode) in enumerate(steps):
+            times[m].append(outs[m][0])
+            if m:
+                _, forced = run(prefill, decode, ids, forced=outs[0][1][None, :])
+                agree[m].append(forced == outs[0][1])
+                same = outs[m][1] == outs[0][1]
+                prefix[m].append(len(same) if same.all() else int(np.argmin(same)))
+    results = []
+    for m in range(len(steps)):
+        t = np.stack(times[m])
+        r = {"first_token_ms": float(np.median(t[:, 0]) * 1000),
+             "next_token_ms": float(np.median(t[:, 1:]) * 1000) if t.shape[1] > 1 else None,
+             "tokens_per_s": float(t.size / t.sum())}
+        if m:
+            r["teacher_forced_agreement"] = float(np.mean(np.concatenate(agree[m])))
+            r["common_prefix"] = float(np.mean(prefix[m]))
+        results.append(r)
+    return results
