@@ -1,5 +1,7 @@
 """What both benches do: build models with the project's own scripts, and compare two SavedModels."""
+import collections
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,14 @@ def timing_batch(model_dir, seq_len=128):
     return data.pad_batch([ids], tok.pad_token_id)
 
 
+def token_windows(model_dir, n, length, start=0):
+    """`n` prompts of `length` real tokens, cut one after another from the bundled passages."""
+    from gptj_int8 import data, models
+    tok = models.load_tokenizer(model_dir)
+    ids = [t for text in data.load_passages(data.EVALUATION_SET, 400) for t in tok(text)["input_ids"]]
+    return [ids[start + i * length:start + (i + 1) * length] for i in range(n)]
+
+
 def fidelity(fp32_fn, int8_fn, batch):
     """Logit cosine and argmax agreement over every position of `batch`."""
     import tensorflow as tf
@@ -65,3 +75,63 @@ def size_gb(path):
 
 def median_ms(seconds):
     return float(np.median(seconds) * 1000)
+
+
+def converted(name, fresh=False):
+    """The INT8 SavedModel of bench/runs/<name>, converted by quantize.py (again with `fresh`)."""
+    out = RUNS / f"converted_{name}"
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    if not (out / "saved_model.pb").exists():
+        check(script("quantize.py", "--input_model", RUNS / name, "--converted_model", out,
+                     "--output_dir", RUNS / f"output_{name}", "--calib_samples", "32", cwd=RUNS),
+              "quantize " + name)
+    return out
+
+
+# Python run by int8_kernels, with MODEL the SavedModel and BATCH a timing batch.
+SERVING_CALL = "f = m.signatures['serving_default']; f(input_ids=tf.constant(BATCH[0]), attention_mask=tf.constant(BATCH[1]))"
+DECODE_CALL = ("from gptj_int8 import generation; ids = BATCH[0][:, :32]\n"
+               "for _ in generation.stream(m.signatures['prefill'], m.signatures['decode'], ids, np.ones_like(ids), 3): pass")
+
+
+def int8_kernels(model_dir, call):
+    """The int8 matmuls oneDNN reports while `call` runs on the model: {(implementation, shape): count}."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+            "import gptj_int8, common, numpy as np, tensorflow as tf\n"
+            f"m = tf.saved_model.load({str(model_dir)!r}); BATCH = common.timing_batch({str(model_dir)!r})\n"
+            + call)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(REPO)}).stdout
+    kernels = collections.Counter()
+    for line in out.splitlines():
+        if line.startswith("onednn_verbose") and ",exec," in line and "src:u8" in line and "wei:s8" in line:
+            fields = line.split(",")
+            kernels[(fields[6], fields[-2])] += 1
+    return kernels
+
+
+def count_by_impl(kernels):
+    counts = collections.Counter()
+    for (impl, _), n in kernels.items():
+        counts[impl] += n
+    return counts
+
+
+def matmul_times(shapes, m, warmup, iterations):
+    """Median ms of m x K @ K x N for each (K, N) of `shapes`: TensorFlow's FP32 MatMul and the
+    converter's int8 kernel, timed in turn. {(K, N): (fp32, int8)}."""
+    from gptj_int8 import benchmark, int8_matmul, savedmodel, sites, weights
+    rng = np.random.RandomState(0)
+    times = {}
+    for k, n in shapes:
+        x = rng.randn(m, k).astype(np.float32)
+        graph = savedmodel.matmul_graph(x, (rng.randn(k, n) * 0.02).astype(np.float32))
+        ranges = {"x": (float(x.min()), float(x.max()))}
+        int8 = int8_matmul.fuse_int8_matmuls(graph.copy(), sites.find_matmul_sites(graph), ranges,
+                                             weights.Int8Weights(per_channel=True))
+        dummy = np.zeros([1, 1], np.int32)
+        t = benchmark.time_models([graph.serving_fn(), int8.serving_fn()], [(dummy, dummy)], warmup, iterations)
+        times[(k, n)] = tuple(map(median_ms, t))
+        del graph, int8
+    return times

@@ -13,10 +13,6 @@ of their sums is what the int8 GEMM itself gives on this CPU; a whole model's ra
 exceed it by much, as those matmuls are nearly all of its time.
 """
 import argparse
-import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 
@@ -30,52 +26,6 @@ FP32_MATMULS = [(4096, 4096, 4), (4096, 16384, 1), (16384, 4096, 1), (4096, 5040
 INT8_MATMULS = [(4096, 28672, 1), (4096, 4096, 1), (16384, 4096, 1), (4096, 50400, 1)]
 
 
-def converted(name, fresh):
-    out = RUNS / f"converted_{name}"
-    if fresh:
-        shutil.rmtree(out, ignore_errors=True)
-    if not (out / "saved_model.pb").exists():
-        common.check(common.script("quantize.py", "--input_model", RUNS / name, "--converted_model", out,
-                                   "--output_dir", RUNS / f"output_{name}", "--calib_samples", "32", cwd=RUNS),
-                     "quantize " + name)
-    return out
-
-
-def int8_kernels(model_dir):
-    """Kernels oneDNN reports for the INT8 model's matmuls: {implementation: count}."""
-    code = ("import sys; sys.path.insert(0, %r); import gptj_int8, common, tensorflow as tf;"
-            "from gptj_int8 import savedmodel; _, f = savedmodel.load_serving_function(%r);"
-            "b = common.timing_batch(%r); f(input_ids=tf.constant(b[0]), attention_mask=tf.constant(b[1]))"
-            % (str(common.REPO / "bench"), str(model_dir), str(model_dir)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "ONEDNN_VERBOSE": "1",
-                              "PYTHONPATH": str(common.REPO)}).stdout
-    kernels = {}
-    for line in out.splitlines():
-        if line.startswith("onednn_verbose") and ",exec," in line and "src:u8" in line and "wei:s8" in line:
-            impl = line.split(",")[6]
-            kernels[impl] = kernels.get(impl, 0) + 1
-    return kernels
-
-
-def matmul_ceiling(warmup, iterations):
-    """Median ms of each bare matmul shape, FP32 and INT8: {(K, N): (fp32, int8)}."""
-    from gptj_int8 import benchmark, int8_matmul, savedmodel, sites, weights
-    rng = np.random.RandomState(0)
-    times = {}
-    for k, n in sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS}):
-        x = rng.randn(128, k).astype(np.float32)
-        graph = savedmodel.matmul_graph(x, (rng.randn(k, n) * 0.02).astype(np.float32))
-        ranges = {"x": (float(x.min()), float(x.max()))}
-        int8 = int8_matmul.fuse_int8_matmuls(graph.copy(), sites.find_matmul_sites(graph), ranges,
-                                           weights.Int8Weights(per_channel=True))
-        dummy = np.zeros([1, 1], np.int32)
-        t = benchmark.time_models([graph.serving_fn(), int8.serving_fn()], [(dummy, dummy)], warmup, iterations)
-        times[(k, n)] = tuple(map(common.median_ms, t))
-        del graph, int8
-    return times
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=20)
@@ -87,13 +37,13 @@ def main():
     rows = []
     for name, n_layer in MODELS:
         fp32_dir = common.prepare(name, n_layer)
-        int8_dir = converted(name, args.fresh)
+        int8_dir = common.converted(name, args.fresh)
         fp32_obj, fp32 = savedmodel.load_serving_function(fp32_dir)
         int8_obj, int8 = savedmodel.load_serving_function(int8_dir)
         batch = common.timing_batch(fp32_dir)
         cos, agree = common.fidelity(fp32, int8, batch)
         t_fp32, t_int8 = benchmark.time_models([fp32, int8], [batch], args.warmup, args.iterations)
-        kernels = int8_kernels(int8_dir)
+        kernels = common.int8_kernels(int8_dir, common.SERVING_CALL)
         rows.append((name, n_layer, common.median_ms(t_fp32), common.median_ms(t_int8),
                      common.size_gb(fp32_dir), common.size_gb(int8_dir), cos, agree, kernels))
         del fp32, int8, fp32_obj, int8_obj   # free both models before the next size
@@ -102,7 +52,7 @@ def main():
           "| logit cosine | argmax agreement | int8 kernels (oneDNN) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, _, a, b, sa, sb, cos, agree, kernels in rows:
-        k = ", ".join(f"{impl} x{n}" for impl, n in kernels.items()) or "none"
+        k = ", ".join(f"{impl} x{n}" for impl, n in common.count_by_impl(kernels).items()) or "none"
         print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {sa:.3f} | {sb:.3f} | {sb / sa:.3f} "
               f"| {cos:.5f} | {agree:.3f} | {k} |")
     # latency grows linearly with layers; the lm_head, half of a 1-layer model's matmul work, weighs ever less
@@ -114,7 +64,8 @@ def main():
           f"projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): FP32 {fp32 / 1000:.1f} s, INT8 {int8 / 1000:.1f} s, "
           f"{fp32 / int8:.2f}x.")
 
-    times = matmul_ceiling(args.warmup, args.iterations)
+    times = common.matmul_times(sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS}), 128,
+                                args.warmup, args.iterations)
     print("\n| bare matmul, 128 x K @ K x N | FP32 ms | INT8 ms | INT8/FP32 speed |")
     print("|---|---|---|---|")
     for (k, n), (a, b) in times.items():

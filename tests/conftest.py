@@ -42,10 +42,8 @@ def tiny_fp32(workdir):
 _converted = {}
 
 
-@pytest.fixture(scope="session", params=list(FLAG_SETS))
-def converted(request, workdir, tiny_fp32):
-    """(flag set name, converted SavedModel, its output_dir), converted by quantize.py."""
-    name = request.param
+def convert_tiny(name, workdir, tiny_fp32):
+    """(flag set name, converted SavedModel, its output_dir), converted by quantize.py once per session."""
     if name not in _converted:
         out_dir = workdir / f"output-{name}"
         model = workdir / f"converted-{name}"
@@ -53,3 +51,15 @@ def converted(request, workdir, tiny_fp32):
                    "--output_dir", out_dir, "--calib_samples", "16", *FLAG_SETS[name], cwd=workdir)
         _converted[name] = (name, model, out_dir)
     return _converted[name]
+
+
+@pytest.fixture(scope="session", params=list(FLAG_SETS))
+def converted(request, workdir, tiny_fp32):
+    """The tiny model converted with each flag set in turn."""
+    return convert_tiny(request.param, workdir, tiny_fp32)
+
+
+@pytest.fixture(scope="session")
+def converted_fused(workdir, tiny_fp32):
+    """The tiny model converted with the default flags."""
+    return convert_tiny("fused", workdir, tiny_fp32)

@@ -127,7 +127,8 @@ def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, 
         pytest.skip("one flag set is enough for the benchmark script")
     proc = run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", model,
                       "--output_dir", tmp_path, "--num_samples", "20", "--batch_size", "2",
-                      "--warmup", "1", "--iterations", "3", cwd=tmp_path)
+                      "--warmup", "1", "--iterations", "3", "--gen_samples", "3", "--max_new_tokens", "4",
+                      cwd=tmp_path)
     assert proc.stdout.count("with TF2.x API") == 2
     for line in ("Batch size = 2", "Accuracy: ", "Latency: ", "Throughput: "):
         assert line in proc.stdout
@@ -139,6 +140,11 @@ def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, 
         assert r["num_samples"] == 20
         assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
         assert r["last_word_accuracy"] <= r["accuracy"]   # a whole-word hit includes its last token
+    for key in ("original", "converted"):
+        r = results[key]
+        assert 0 < r["first_token_ms"] and 0 < r["next_token_ms"] and r["tokens_per_s"] > 0
+    assert 0.0 <= results["teacher_forced_agreement"] <= 1.0 and 0 <= results["common_prefix"] <= 4
+    assert "generation, 3 prompts x 4 greedy tokens" in proc.stdout
     assert 0.0 <= results["agreement"] <= 1.0
     assert results["kl_divergence"] >= 0.0 and 0.0 <= results["accuracy_diff_pvalue"] <= 1.0
     assert (tmp_path / "results.png").stat().st_size > 0
@@ -148,15 +154,17 @@ def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, 
 def bundled_fp32(workdir):
     """The bundled trained model exported with prepare_model.py's defaults, as the README's
     main command does."""
-    run_script("prepare_model.py", cwd=workdir)
+    if not (workdir / "gptj-kjv" / "saved_model.pb").exists():   # test_generation may have made it
+        run_script("prepare_model.py", cwd=workdir)
     return workdir / "gptj-kjv"
 
 
 @pytest.mark.parametrize("flags", list(FLAG_SETS))
 def test_bundled_model_int8_keeps_accuracy_and_agrees_with_fp32(bundled_fp32, workdir, flags):
     int8_dir = workdir / f"converted_gptj-kjv-{flags}"
-    run_script("quantize.py", "--input_model", bundled_fp32, "--converted_model", int8_dir,
-               "--output_dir", workdir / f"output-bundled-{flags}", *FLAG_SETS[flags], cwd=workdir)
+    if not (int8_dir / "saved_model.pb").exists():       # test_generation may have made it
+        run_script("quantize.py", "--input_model", bundled_fp32, "--converted_model", int8_dir,
+                   "--output_dir", workdir / f"output-bundled-{flags}", *FLAG_SETS[flags], cwd=workdir)
     tok = models.load_tokenizer(bundled_fp32)
     encoded = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, 300), 256)
     batches = data.batches(encoded, 8, tok.pad_token_id)
