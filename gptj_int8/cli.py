@@ -5,6 +5,18 @@ import signal
 import sys
 
 
+def cpu_flags():
+    """The CPU's feature flags (avx2, avx512_vnni, amx_int8, ...) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, never as a traceback."""
 

@@ -1,24 +1,15 @@
 """Int8 numbers: activation ranges, weights quantized in blocks, the compensated int32 bias, and
 one store of int8 variables, so every signature of a model reads the same int8 copy of a weight."""
-from pathlib import Path
-
 import numpy as np
 import tensorflow as tf
 
+from .cli import cpu_flags
 from .graph import Rewriter, make_const, make_node
-
-
-def _cpu_has_vnni():
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 # Without VNNI, oneDNN's u8 x s8 kernels add pairs of products in int16 (vpmaddubsw), which
 # saturates once 2 * 255 * 127 > 32767. Activations then use 128 levels, 2 * 127 * 127 fits.
-ACTIVATION_LEVELS = 256 if _cpu_has_vnni() else 128
+ACTIVATION_LEVELS = 256 if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 128
 
 
 def activation_range(lo, hi):
