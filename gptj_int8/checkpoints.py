@@ -10,6 +10,7 @@ Everything a checkpoint can get wrong (missing files, truncated shards, another 
 names or shapes that do not fit its config) is found by `locate_checkpoint` from the files'
 headers, before the model is built.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from .cli import UserError
 
@@ -288,6 +290,14 @@ def _variable(model, path):
     return obj
 
 
+def _assign_block(variable, begin, end, value):
+    # the raw op, not `variable[a:b].assign(...)`: that form reads the variable first, and the live
+    # read makes TensorFlow copy the whole variable before writing the block (at lm_head's size
+    # 0.8 GB and a second per block)
+    tf.raw_ops.ResourceStridedSliceAssign(ref=variable.handle, begin=list(begin), end=list(end),
+                                          strides=[1, 1], value=value)
+
+
 def assign_weights(model, checkpoint):
     """Fill a built TFGPTJForCausalLM's variables from the checkpoint's safetensors, block by block:
     peak memory is the model plus one block, whatever the checkpoint's dtype or shard sizes."""
@@ -311,9 +321,9 @@ def assign_weights(model, checkpoint):
                     stop = min(shape[0], start + step)
                     block = read_rows(stored, source, start, stop)
                     if transposed:   # rows of an nn.Linear weight are columns of the Dense kernel
-                        variable[:, start:stop].assign(block.T)
+                        _assign_block(variable, (0, start), (shape[1], stop), tf.transpose(block))
                     else:
-                        variable[start:stop].assign(block)
+                        _assign_block(variable, (start, 0), (stop, shape[1]), block)
                     del block
             filled.add(variable.ref())
             bar.update(int(np.prod(shape)))
@@ -322,12 +332,28 @@ def assign_weights(model, checkpoint):
         raise RuntimeError(f"no checkpoint tensor maps to {', '.join(unfilled)}")
 
 
+@contextlib.contextmanager
+def _zero_initial_weights():
+    """transformers' TF GPT-J draws every weight from a truncated normal while it builds. The
+    checkpoint overwrites them all: at GPT-J-6B's size the draw costs minutes and transient copies
+    of the largest tensors, so build with zeros instead."""
+    import transformers.modeling_tf_utils as tf_utils
+    import transformers.models.gptj.modeling_tf_gptj as tf_gptj
+    saved = tf_utils.get_initializer, tf_gptj.get_initializer
+    zeros = lambda *_: tf_utils.keras.initializers.Zeros()
+    tf_utils.get_initializer = tf_gptj.get_initializer = zeros
+    try:
+        yield
+    finally:
+        tf_utils.get_initializer, tf_gptj.get_initializer = saved
+
+
 def gptj_from_safetensors(checkpoint):
     """A built TFGPTJForCausalLM holding the checkpoint's weights in float32."""
-    import tensorflow as tf
     from transformers import TFGPTJForCausalLM
-    model = TFGPTJForCausalLM(checkpoint.config)
-    model(tf.constant([[0, 1]], tf.int32))   # builds the variables, which the checkpoint then overwrites
+    with _zero_initial_weights():
+        model = TFGPTJForCausalLM(checkpoint.config)
+        model(tf.constant([[0, 1]], tf.int32))   # builds the variables, which the checkpoint then fills
     assign_weights(model, checkpoint)
     return model
 
