@@ -150,6 +150,8 @@ def locate_checkpoint(source, revision=None):
             return Checkpoint(source, revision, config, "tf" if name == TF_WEIGHTS else "pytorch")
         check_tensors(tensors, config)
         return Checkpoint(source, revision, config, "safetensors", tensors)
+    if get("saved_model.pb", download=False):
+        raise UserError(f"{source} is a SavedModel (prepare_model.py's output), not a GPT-J checkpoint")
     raise UserError(f"no weights in {source}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
