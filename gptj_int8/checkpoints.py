@@ -61,7 +61,7 @@ class Checkpoint:
     def describe(self):
         if self.format != "safetensors":
             return f"{self.format} weights"
-        dtypes = sorted({t.dtype for t in self.tensors.values()})
+        dtypes = sorted({t.dtype for name, t in self.tensors.items() if not name.endswith(IGNORED_SUFFIXES)})
         files = sorted({t.file.name for t in self.tensors.values()})
         return f"safetensors ({', '.join(dtypes)}; {len(files)} file{'s' if len(files) > 1 else ''})"
 
@@ -72,12 +72,14 @@ def _is_local(source):
     return os.path.isdir(source) or source.startswith((".", "/", "~")) or os.path.exists(source)
 
 
-def _hub_file(source, filename, revision):
-    """Local path of `filename` of hub repo `source` (downloaded into the hub cache), or None."""
+def _hub_file(source, filename, revision, required=False):
+    """Local path of `filename` of hub repo `source` (downloaded into the hub cache), or None.
+    Asked for a file it may lack, transformers answers None for an unreachable hub too: ask for a
+    `required` one first, so that being offline is said as such."""
     from transformers.utils import cached_file
     try:
         return cached_file(source, filename, revision=revision,
-                           _raise_exceptions_for_missing_entries=False)
+                           _raise_exceptions_for_missing_entries=required)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot fetch {filename} of {source}: {str(e).splitlines()[0]}")
 
@@ -106,7 +108,7 @@ def _file_getter(source, revision):
     def get(name, download=True):
         if not download:
             return True if _hub_has_file(source, name, revision) else None
-        path = _hub_file(source, name, revision)
+        path = _hub_file(source, name, revision, required=name == "config.json")
         return Path(path) if path else None
     return get
 
@@ -146,8 +148,14 @@ def locate_checkpoint(source, revision=None):
             tensors = _sharded_tensors(path, get)
         elif name == SAFETENSORS:
             tensors = safetensors_header(path)
+        elif name == TF_WEIGHTS:
+            return Checkpoint(source, revision, config, "tf")
+        elif not torch_available():
+            raise UserError(f"{source} has only {name}, which needs torch to read: pip install torch, or "
+                            f"convert it once where torch is: GPTJForCausalLM.from_pretrained(...)"
+                            f".save_pretrained(folder) writes model.safetensors")
         else:
-            return Checkpoint(source, revision, config, "tf" if name == TF_WEIGHTS else "pytorch")
+            return Checkpoint(source, revision, config, "pytorch")
         check_tensors(tensors, config)
         return Checkpoint(source, revision, config, "safetensors", tensors)
     if get("saved_model.pb", download=False):

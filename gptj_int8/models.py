@@ -93,14 +93,16 @@ def pretrained_gptj(source, revision=None):
     sharded or not, tf_model.h5, or with torch installed pytorch_model.bin) as a built
     TFGPTJForCausalLM in float32."""
     from . import checkpoints
-    checkpoint = checkpoints.locate_checkpoint(source, revision)
+    return gptj_from_checkpoint(checkpoints.locate_checkpoint(source, revision))
+
+
+def gptj_from_checkpoint(checkpoint):
+    """A built TFGPTJForCausalLM in float32 from a checkpoint found by checkpoints.locate_checkpoint."""
+    from . import checkpoints
+    source, revision = checkpoint.source, checkpoint.revision
     log.info("%s: %s", source, checkpoint.describe())
     if checkpoint.format == "safetensors":
         return checkpoints.gptj_from_safetensors(checkpoint)
-    if checkpoint.format == "pytorch" and not checkpoints.torch_available():
-        raise UserError(f"{source} has only pytorch_model.bin, which needs torch to read: pip install torch, "
-                        f"or convert it once where torch is: GPTJForCausalLM.from_pretrained(...).save_pretrained"
-                        f"(folder) writes model.safetensors")
     from transformers import TFGPTJForCausalLM
     try:
         model = TFGPTJForCausalLM.from_pretrained(str(source), revision=revision,

@@ -99,23 +99,37 @@ def _logits(model, ids, mask):
     return model(input_ids=tf.constant(ids), attention_mask=tf.constant(mask), training=False).logits.numpy()
 
 
-@pytest.mark.parametrize("dtype,shards", [("float32", 1), ("float16", 3)])
-def test_exported_model_matches_transformers_loading_the_same_weights(tmp_path, tiny, dtype, shards):
-    """prepare_model.py, as a user runs it, on a single file and on shards."""
+def _saved_model_logits(path, ids, mask):
+    loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures["serving_default"]
+    return fn(input_ids=tf.constant(ids), attention_mask=tf.constant(mask))["logits"].numpy()
+
+
+def test_sharded_float16_checkpoint_through_prepare_model(tmp_path, tiny):
+    """prepare_model.py, as a user runs it, on float16 shards: the SavedModel gives transformers'
+    logits for the same weights."""
     model, state = tiny
-    folder = write_checkpoint(tmp_path / "ckpt", model.config, state, dtype, shards)
+    folder = write_checkpoint(tmp_path / "ckpt", model.config, state, "float16", shards=3)
     out = tmp_path / "exported"
     proc = run_script("prepare_model.py", "--model", folder, "--output_dir", out, cwd=tmp_path)
-    assert f"{shards} file" in proc.stderr and {"float32": "F32", "float16": "F16"}[dtype] in proc.stderr
-
+    assert "safetensors (F16; 3 files)" in proc.stderr
     ids, mask = _batch()
-    loaded = tf.saved_model.load(str(out))
-    got = loaded.signatures["serving_default"](input_ids=tf.constant(ids), attention_mask=tf.constant(mask))["logits"]
-    want = _logits(reference_gptj(model.config, state, dtype), ids, mask)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
-    if dtype == "float32":   # the checkpoint holds the original weights exactly
-        np.testing.assert_allclose(got.numpy(), _logits(model, ids, mask), rtol=1e-4, atol=1e-4)
+    want = _logits(reference_gptj(model.config, state, "float16"), ids, mask)
+    np.testing.assert_allclose(_saved_model_logits(out, ids, mask), want, rtol=1e-4, atol=1e-4)
     assert (out / "tokenizer.json").exists() and json.loads((out / "config.json").read_text())["n_layer"] == 2
+
+
+def test_float32_checkpoint_exports_the_original_model(tmp_path, tiny):
+    """One model.safetensors in float32 holds the original weights exactly: the exported
+    SavedModel gives the original TF model's logits, and transformers' for the same arrays."""
+    model, state = tiny
+    folder = write_checkpoint(tmp_path / "ckpt", model.config, state, "float32")
+    models.export_saved_model(models.pretrained_gptj(folder), tmp_path / "exported")
+    ids, mask = _batch()
+    got = _saved_model_logits(tmp_path / "exported", ids, mask)
+    np.testing.assert_allclose(got, _logits(model, ids, mask), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, _logits(reference_gptj(model.config, state, "float32"), ids, mask),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -244,8 +258,7 @@ def test_pickle_checkpoint_without_torch_says_how_to_convert(tmp_path, tiny):
     folder = write_checkpoint(tmp_path / "bin", model.config, state)
     (folder / checkpoints.SAFETENSORS).unlink()
     (folder / checkpoints.PYTORCH).write_bytes(b"\x80\x02 not read")
-    with pytest.raises(UserError, match="needs torch.*model.safetensors"):
-        models.pretrained_gptj(folder)
+    _refused(folder, "pytorch_model.bin", "needs torch", "model.safetensors")
 
 
 def test_cli_refuses_a_missing_shard_in_one_line_and_writes_nothing(tmp_path, tiny):
