@@ -13,7 +13,6 @@ headers, before the model is built.
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import struct
 from pathlib import Path
@@ -22,8 +21,6 @@ import numpy as np
 import tensorflow as tf
 
 from .cli import UserError
-
-log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
@@ -60,7 +57,7 @@ class Checkpoint:
 
     def describe(self):
         if self.format != "safetensors":
-            return f"{self.format} weights"
+            return {"tf": TF_WEIGHTS, "pytorch": "pytorch_model.bin (through torch)"}[self.format]
         dtypes = sorted({t.dtype for name, t in self.tensors.items() if not name.endswith(IGNORED_SUFFIXES)})
         files = sorted({t.file.name for t in self.tensors.values()})
         return f"safetensors ({', '.join(dtypes)}; {len(files)} file{'s' if len(files) > 1 else ''})"
@@ -189,7 +186,8 @@ def safetensors_header(path):
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, stop) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, stop = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path} is not a safetensors file: bad header entry for {name}")
         end = max(end, stop)
