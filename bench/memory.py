@@ -58,9 +58,12 @@ def write_float16_checkpoint(n_layer, seed=0):
     config.save_pretrained(folder)
     models.gpt2_bpe_tokenizer().save_pretrained(folder)
     layout = checkpoints.pytorch_layout(config)
-    groups = {}
+    groups = {}   # shard -> names: the embedding, each layer, then ln_f and the head
     for name in layout:
-        key = name.split(".")[2] if name.startswith("transformer.h.") else ("head" if "lm_head" in name or "ln_f" in name else "embed")
+        if name.startswith("transformer.h."):
+            key = "layer " + name.split(".")[2]
+        else:
+            key = "embedding" if name.startswith("transformer.wte") else "head"
         groups.setdefault(key, []).append(name)
     rng = np.random.default_rng(seed)
     weight_map = {}
