@@ -261,15 +261,33 @@ def test_pickle_checkpoint_without_torch_says_how_to_convert(tmp_path, tiny):
     _refused(folder, "pytorch_model.bin", "needs torch", "model.safetensors")
 
 
-def test_cli_refuses_a_missing_shard_in_one_line_and_writes_nothing(tmp_path, tiny):
+def _missing_shard(folder):
+    (folder / "model-00001-of-00002.safetensors").unlink()
+    return "model-00001-of-00002.safetensors"
+
+
+def _truncated_shard(folder):
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    return "truncated"
+
+
+def _another_architecture(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neo"}))
+    return "gpt_neo"
+
+
+@pytest.mark.parametrize("breakage", [_missing_shard, _truncated_shard, _another_architecture])
+def test_cli_refuses_a_broken_checkpoint_in_one_line_and_writes_nothing(tmp_path, tiny, breakage):
     model, state = tiny
     folder = write_checkpoint(tmp_path / "ckpt", model.config, state, shards=2)
-    (folder / "model-00001-of-00002.safetensors").unlink()
+    named = breakage(folder)
     out = tmp_path / "exported"
     proc = run_script("prepare_model.py", "--model", folder, "--output_dir", out, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "model-00001-of-00002.safetensors" in last, last
+    assert last.startswith("error:") and named in last, last
     assert not out.exists()
     assert not list(tmp_path.glob(".exported*"))
