@@ -2,6 +2,8 @@
 
     python prepare_model.py                                   # the bundled models/gptj-kjv
     python prepare_model.py --model EleutherAI/gpt-j-6B       # the real one (needs the hub)
+    python prepare_model.py --model EleutherAI/gpt-j-6B --revision float16   # its float16 branch: half the download
+    python prepare_model.py --model ./my-finetune             # a folder written by save_pretrained
     python prepare_model.py --random_init --config_overrides "n_layer=1,n_embd=4096" \
         --output_dir ./gptj-random-1l                         # GPT-J-6B's width, random weights
 
@@ -12,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from gptj_int8 import cli, models, savedmodel
+from gptj_int8 import checkpoints, cli, models, savedmodel
 
 log = logging.getLogger("prepare_model")
 
@@ -20,7 +22,10 @@ log = logging.getLogger("prepare_model")
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(models.BUNDLED_MODEL),
-                   help="Hugging Face id or local folder of a GPT-J checkpoint")
+                   help="Hugging Face id or local folder of a GPT-J checkpoint: model.safetensors (or its "
+                        "shards and index) in float32/float16/bfloat16, tf_model.h5, or pytorch_model.bin "
+                        "(needs torch)")
+    p.add_argument("--revision", default=None, help="with a hub id: the branch, tag or commit, e.g. float16")
     p.add_argument("--output_dir", default=None, help="where the SavedModel goes (default ./<model name>)")
     p.add_argument("--random_init", action="store_true",
                    help="random weights from GPTJConfig (GPT-J-6B's shape) instead of loading --model")
@@ -35,6 +40,8 @@ def main():
     overrides = models.parse_config_overrides(args.config_overrides)
     if overrides and not args.random_init:
         raise cli.UserError("--config_overrides applies only with --random_init")
+    if args.revision and args.random_init:
+        raise cli.UserError("--revision applies to --model, not to --random_init")
     out = Path(args.output_dir or ("./gptj-random" if args.random_init else models.default_export_dir(args.model)))
     if out.exists() and not (out / "saved_model.pb").exists() and not args.overwrite:
         raise cli.UserError(f"{out} exists and is not a SavedModel; pass --overwrite to replace it")
@@ -49,8 +56,11 @@ def main():
         model = models.random_gptj(overrides, args.seed)
     else:
         log.info("loading %s", args.model)
-        model = models.pretrained_gptj(args.model)
-        tokenizer = models.load_tokenizer(args.model)
+        # the checkpoint's headers and the tokenizer first: a broken checkpoint fails in seconds,
+        # not after loading GPT-J-6B's 24 GB
+        checkpoint = checkpoints.locate_checkpoint(args.model, args.revision)
+        tokenizer = models.load_tokenizer(args.model, args.revision)
+        model = models.gptj_from_checkpoint(checkpoint)
     n_params = sum(int(v.shape.num_elements()) for v in model.variables)
     log.info("exporting %.1fM parameters to %s", n_params / 1e6, out)
 

@@ -1,10 +1,15 @@
-"""Peak memory and time of quantize.py on models over 2 GB, and the projection to GPT-J-6B.
+"""Peak memory and time of prepare_model.py and quantize.py on models over 2 GB, and the projection
+to GPT-J-6B.
 
-    python bench/memory.py           # models are built once under bench/runs/
+    python bench/memory.py                   # both; models and checkpoints are built once under bench/runs/
+    python bench/memory.py --only prepare    # prepare_model.py on a float16 safetensors checkpoint
+    python bench/memory.py --only quantize
 
-GPT-J-6B's width with 1, 2 and 3 random layers (2.5, 3.3 and 4.1 GB in FP32). quantize.py runs as
+GPT-J-6B's width with 1, 2 and 3 random layers (2.5, 3.3 and 4.1 GB in FP32). Each script runs as
 its own process; its peak RSS is polled from the OS (psutil, the process and its children).
-The converted model is then loaded with plain TensorFlow, run, and compared with FP32.
+prepare_model.py reads a PyTorch-layout checkpoint written here first, as GPT-J-6B's float16
+revision is stored: float16 safetensors, one shard per layer. quantize.py's converted model is
+then loaded with plain TensorFlow, run, and compared with FP32.
 """
 import argparse
 import time
@@ -13,13 +18,12 @@ import numpy as np
 import psutil
 
 import common
-from common import GPTJ_6B_LAYERS, RUNS
+from common import GPTJ_6B_LAYERS, GPTJ_6B_WIDTH, RUNS
 
-def quantize_peak(src, dst):
-    """(peak RSS in GB, seconds) of one quantize.py run."""
+def script_peak(name, *args):
+    """(peak RSS in GB, seconds) of one run of one of the project's scripts."""
     start = time.perf_counter()
-    proc = common.script("quantize.py", "--input_model", src, "--converted_model", dst,
-                         "--output_dir", RUNS / f"output_{src.name}", "--calib_samples", "32", cwd=RUNS)
+    proc = common.script(name, *args, cwd=RUNS)
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -27,18 +31,87 @@ def quantize_peak(src, dst):
         except psutil.Error:
             pass
         time.sleep(0.05)
-    common.check(proc, "quantize " + src.name)
+    common.check(proc, f"{name} {' '.join(map(str, args))}")
     return peak / 1e9, time.perf_counter() - start
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
-    args = p.parse_args()
-    from gptj_int8 import savedmodel
+def quantize_peak(src, dst):
+    """(peak RSS in GB, seconds) of one quantize.py run."""
+    return script_peak("quantize.py", "--input_model", src, "--converted_model", dst,
+                       "--output_dir", RUNS / f"output_{src.name}", "--calib_samples", "32")
 
+
+def write_float16_checkpoint(n_layer, seed=0):
+    """A random GPT-J of GPT-J-6B's width as its float16 revision stores it: PyTorch names and
+    layouts, float16 safetensors, one shard per layer (and one for the embedding, one for the
+    head), written one shard at a time. Returns the folder."""
+    import json
+    from safetensors.numpy import save_file
+    from transformers import GPTJConfig
+    from gptj_int8 import checkpoints, models
+    folder = RUNS / f"gptj-6b-width-{n_layer}l-fp16-safetensors"
+    if (folder / checkpoints.SAFETENSORS_INDEX).exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = GPTJConfig(**models.parse_config_overrides(f"{GPTJ_6B_WIDTH},n_layer={n_layer}"))
+    config.architectures = ["GPTJForCausalLM"]
+    config.save_pretrained(folder)
+    models.gpt2_bpe_tokenizer().save_pretrained(folder)
+    layout = checkpoints.pytorch_layout(config)
+    groups = {}   # shard -> names: the embedding, each layer, then ln_f and the head
+    for name in layout:
+        if name.startswith("transformer.h."):
+            key = "layer " + name.split(".")[2]
+        else:
+            key = "embedding" if name.startswith("transformer.wte") else "head"
+        groups.setdefault(key, []).append(name)
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    for i, names in enumerate(groups.values()):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            shape = layout[name][0]
+            if name.endswith(("ln_1.weight", "ln_f.weight")):
+                tensors[name] = np.ones(shape, np.float16)
+            else:
+                tensors[name] = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float16)
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in names})
+        del tensors
+    (folder / checkpoints.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def bench_prepare(layers):
+    """prepare_model.py from a float16 safetensors checkpoint to the FP32 SavedModel."""
     rows = []
-    for n in args.layers:
+    for n in layers:
+        ckpt = write_float16_checkpoint(n)
+        dst = RUNS / f"gptj-6b-width-{n}l-from-fp16"
+        peak, seconds = script_peak("prepare_model.py", "--model", ckpt, "--output_dir", dst, "--overwrite")
+        rows.append((n, common.size_gb(ckpt), common.size_gb(dst), peak, seconds))
+
+    print("\n| layers | float16 checkpoint GB | FP32 SavedModel GB | peak RSS of prepare_model.py GB "
+          "| peak / model | time s |")
+    print("|---|---|---|---|---|---|")
+    for n, ckpt_size, size, peak, seconds in rows:
+        print(f"| {n} | {ckpt_size:.2f} | {size:.2f} | {peak:.2f} | {peak / size:.2f}x | {seconds:.0f} |")
+    if len(rows) >= 2:
+        layers = np.array([r[0] for r in rows], float)
+        fit = lambda col: np.polyfit(layers, np.array([r[col] for r in rows]), 1)
+        (size_slope, size_icpt), (peak_slope, peak_icpt), (t_slope, t_icpt) = fit(2), fit(3), fit(4)
+        size28 = size_slope * GPTJ_6B_LAYERS + size_icpt
+        peak28 = peak_slope * GPTJ_6B_LAYERS + peak_icpt
+        print(f"\nPer layer: +{size_slope:.2f} GB of model, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
+        print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
+              f"({peak28 / size28:.2f}x), export {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
+
+
+def bench_quantize(layers):
+    from gptj_int8 import savedmodel
+    rows = []
+    for n in layers:
         src = common.prepare(f"gptj-6b-width-{n}l", n)
         dst = RUNS / f"converted_gptj-6b-width-{n}l-memory"
         peak, seconds = quantize_peak(src, dst)
@@ -63,6 +136,18 @@ def main():
         print(f"\nPer layer: +{size_slope:.2f} GB of model, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
         print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
               f"({peak28 / size28:.2f}x), conversion {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--only", choices=["prepare", "quantize"], help="measure one script (default: both)")
+    args = p.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "prepare"):
+        bench_prepare(args.layers)
+    if args.only in (None, "quantize"):
+        bench_quantize(args.layers)
 
 
 if __name__ == "__main__":

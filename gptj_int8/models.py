@@ -35,14 +35,14 @@ def gpt2_bpe_tokenizer():
     return tok
 
 
-def load_tokenizer(source):
-    """The tokenizer saved beside a model (a local folder or a hub id)."""
+def load_tokenizer(source, revision=None):
+    """The tokenizer saved beside a model (a local folder or a hub id at `revision`)."""
     from transformers import AutoTokenizer
     source = str(source)
     if os.path.isdir(source) and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
         raise UserError(f"no tokenizer files in {source}")
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {source}: {str(e).splitlines()[0]}")
     if tok.pad_token is None:
@@ -89,16 +89,28 @@ def random_gptj(config_overrides, seed):
     return model
 
 
-def pretrained_gptj(source):
-    """Load a GPT-J checkpoint (hub id or local folder) as TFGPTJForCausalLM."""
+def pretrained_gptj(source, revision=None):
+    """Load a GPT-J checkpoint (hub id or local folder; safetensors in float32, float16 or bfloat16,
+    sharded or not, tf_model.h5, or with torch installed pytorch_model.bin) as a built
+    TFGPTJForCausalLM in float32."""
+    from . import checkpoints
+    return gptj_from_checkpoint(checkpoints.locate_checkpoint(source, revision))
+
+
+def gptj_from_checkpoint(checkpoint):
+    """A built TFGPTJForCausalLM in float32 from a checkpoint found by checkpoints.locate_checkpoint."""
+    from . import checkpoints
+    source, revision = checkpoint.source, checkpoint.revision
+    log.info("%s: %s", source, checkpoint.describe())
+    if checkpoint.format == "safetensors":
+        return checkpoints.gptj_from_safetensors(checkpoint)
     from transformers import TFGPTJForCausalLM
-    source = str(source)
-    if not os.path.isdir(source) and (source.startswith((".", "/")) or os.path.exists(source)):
-        raise UserError(f"model folder not found: {source}")
     try:
-        return TFGPTJForCausalLM.from_pretrained(source)
+        model = TFGPTJForCausalLM.from_pretrained(str(source), revision=revision,
+                                                  from_pt=checkpoint.format == "pytorch")
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load GPT-J from {source}: {str(e).splitlines()[0]}")
+    return model
 
 
 def step_functions(model):
