@@ -1,0 +1,185 @@
+"""Intel Neural Compressor (INC 3.10) as quantize.py's second engine (`--engine inc`).
+
+Every INC call of the project lives here. INC's TensorFlow path freezes the SavedModel into one
+GraphDef whose weights are constants (capped at 2 GB by protobuf) and needs many times the
+model's size in memory, so the run is refused up front when the estimate does not fit; the
+default engine (convert.ConvertSavedModel) keeps weights in variables and has neither limit.
+"""
+import collections
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import psutil
+import tensorflow as tf
+
+from . import savedmodel
+from .cli import UserError
+
+log = logging.getLogger(__name__)
+
+# Peak RSS of quantize.py --engine inc = base + ratio x FP32 SavedModel size, fitted by
+# bench/inc_memory.py on this project's machine (TF 2.21, INC 3.10; see the README): the base is
+# TensorFlow, transformers and INC themselves, the ratio the frozen graph and INC's copies of it.
+INC_PEAK_BASE_BYTES = 1.3e9
+INC_PEAK_PER_MODEL_BYTE = 30.0
+PROTOBUF_LIMIT_BYTES = 2 ** 31      # INC serialises the frozen graph, weights included, in one protobuf
+INC_OUTPUT = "Identity"             # the output INC's frozen graph ends in (serving_default's logits)
+
+
+# ---------------------------------------------------------------- flags and memory, before any work
+
+def check_supported_flags(itex_mode, performance_only, max_accuracy_drop):
+    """Refuse the flags INC 3.10's TensorFlow API cannot honour, one line each."""
+    if itex_mode:
+        try:
+            import intel_extension_for_tensorflow  # noqa: F401
+        except ImportError:
+            # INC's ITEX adaptor raises for the same reason (TensorFlowAdaptor._check_itex)
+            raise UserError("--itex_mode with --engine inc needs Intel Extension for TensorFlow, which INC's ITEX "
+                            "backend requires and which is not installed; the default engine's --itex_mode "
+                            "writes the QDQ form without it")
+    if itex_mode and performance_only:
+        raise UserError("--itex_mode --performance_only with --engine inc clips negative activations "
+                        "(argmax agreement with FP32 0.03, measured); use one of the two, or the default engine")
+    if max_accuracy_drop is not None:
+        raise UserError("--max_accuracy_drop is the default engine's accuracy-aware fallback; INC 3.10's "
+                        "TensorFlow API has no per-MatMul fallback to map it to: drop --engine inc, or the flag")
+
+
+def estimate_peak_rss(model_bytes):
+    """Bytes of memory INC's quantize_model is expected to peak at for a SavedModel of `model_bytes`."""
+    return INC_PEAK_BASE_BYTES + INC_PEAK_PER_MODEL_BYTE * model_bytes
+
+
+def _cgroup_memory_left():
+    """Bytes this process's cgroup (v2) may still allocate, or None without a limit."""
+    try:
+        cgroup = Path("/proc/self/cgroup").read_text().strip().splitlines()[0].split(":", 2)[2]
+        folder = Path("/sys/fs/cgroup") / cgroup.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((folder / "memory.current").read_text())
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def available_memory(max_memory_gb=None):
+    """Bytes this run may use: what the OS reports available, within the cgroup's limit and
+    `max_memory_gb` (a user's own cap, e.g. on a machine shared with other jobs)."""
+    candidates = [psutil.virtual_memory().available + psutil.Process().memory_info().rss,
+                  _cgroup_memory_left()]
+    if max_memory_gb is not None:
+        candidates.append(max_memory_gb * 1e9)
+    return min(c for c in candidates if c is not None)
+
+
+def check_fits(model_dir, max_memory_gb=None):
+    """Refuse, in one line naming the default engine, a model INC cannot quantize here."""
+    size = savedmodel.saved_model_size(model_dir)
+    if size > PROTOBUF_LIMIT_BYTES:
+        raise UserError(f"{model_dir} is {size / 1e9:.1f} GB; INC freezes the weights into one protobuf, "
+                        f"capped at 2 GB: use the default engine (drop --engine inc), which keeps them in variables")
+    need, have = estimate_peak_rss(size), available_memory(max_memory_gb)
+    if need > have:
+        raise UserError(f"INC would need about {need / 1e9:.1f} GB of memory for {model_dir} "
+                        f"({size / 1e9:.2f} GB), {have / 1e9:.1f} GB available: use the default engine "
+                        f"(drop --engine inc), which needs about 1.4x the model's size")
+    log.info("INC memory estimate %.1f GB of %.1f GB available", need / 1e9, have / 1e9)
+
+
+# ---------------------------------------------------------------- quantization
+
+class CalibrationLoader:
+    """Our calibration batches in the form INC's calibration loop reads: ({input name: array}, label)."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.batch_size = len(self.batches[0][0]) if self.batches else 1
+
+    def __iter__(self):
+        for input_ids, attention_mask, _ in self.batches:
+            yield {"input_ids": input_ids, "attention_mask": attention_mask}, None
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def quantization_configs(per_channel=True, smooth_quant=False, sq_alpha=0.5):
+    """INC's recipe for our flags: SmoothQuant (if asked) then static int8 quantization."""
+    from neural_compressor.tensorflow import SmoothQuantConfig, StaticQuantConfig
+    static = StaticQuantConfig(weight_granularity="per_channel" if per_channel else "per_tensor")
+    return [SmoothQuantConfig(alpha=sq_alpha), static] if smooth_quant else static
+
+
+def op_counts(graph_def):
+    return collections.Counter(node.op for node in graph_def.node)
+
+
+def quantize_saved_model(src, dst, calibration_batches, output_dir, per_channel=True, smooth_quant=False,
+                         sq_alpha=0.5, performance_only=False, side_files=()):
+    """INC's quantize_model on the SavedModel `src`, rewritten as a SavedModel at `dst` with our
+    signature. INC's work files go under `output_dir`/inc_workspace."""
+    from neural_compressor.tensorflow import Model, quantize_model
+    if not calibration_batches:
+        raise UserError("calibration needs at least one passage")
+    src, dst, output_dir = Path(src).resolve(), Path(dst).resolve(), Path(output_dir).resolve()
+    if dst == src or src in dst.parents:
+        raise UserError(f"the converted model cannot be written inside the input model: {dst}")
+    workspace = output_dir / "inc_workspace"
+    shutil.rmtree(workspace, ignore_errors=True)
+    workspace.mkdir(parents=True)
+    start = time.perf_counter()
+    # INC also writes to relative paths fixed at import (./nc_workspace/<time>, e.g. SmoothQuant's
+    # temporary SavedModel): running it from inside the workspace keeps them there too
+    with contextlib.chdir(workspace):
+        model = Model(str(src), conf={"workspace_path": str(workspace), "performance_only": bool(performance_only)})
+        fp32_graph = model.graph_def
+        savedmodel.write_graph_def(fp32_graph, output_dir / "extracted_graph_def.pb")
+        inputs = sorted(model.input_tensor_names)
+        if inputs != sorted(savedmodel.INPUTS) or model.output_tensor_names != [INC_OUTPUT]:
+            raise UserError(f"INC read {src} as inputs {inputs}, outputs {model.output_tensor_names}; "
+                            f"expected {', '.join(savedmodel.INPUTS)} -> {INC_OUTPUT}")
+        configs = quantization_configs(per_channel, smooth_quant, sq_alpha)
+        log.info("INC: quantizing %d MatMuls (per_channel=%s, smooth_quant=%s, performance_only=%s)",
+                 op_counts(fp32_graph)["MatMul"], per_channel, smooth_quant and sq_alpha, performance_only)
+        loader = CalibrationLoader(calibration_batches)
+        quantized = quantize_model(model, configs, loader, calib_iteration=len(loader))
+    graph_def = quantized.graph_def
+    savedmodel.write_graph_def(graph_def, output_dir / "converted_graph_def.pb")
+    ops = op_counts(graph_def)
+    int8 = sum(n for op, n in ops.items() if op.startswith("Quantized") and "MatMul" in op)
+    log.info("INC: %d MatMuls -> %d int8 kernels, %d left in FP32 (%.0f s)",
+             op_counts(fp32_graph)["MatMul"], int8, ops["MatMul"], time.perf_counter() - start)
+    out = save_frozen_graph(graph_def, dst, side_files)
+    log.info("wrote %s (%.1f MB; FP32 %.1f MB)", out, savedmodel.saved_model_size(out) / 1e6,
+             savedmodel.saved_model_size(src) / 1e6)
+    return out
+
+
+def save_frozen_graph(graph_def, dst, side_files=()):
+    """A SavedModel whose serving_default runs INC's frozen graph and returns {"logits": ...}
+    (INC's own saver keeps its output key `Identity`, which our scripts do not read)."""
+    spec = [tf.TensorSpec([None, None], tf.int32, name=k) for k in savedmodel.INPUTS]
+
+    @tf.function(input_signature=spec)
+    def serving(input_ids, attention_mask):
+        logits, = tf.graph_util.import_graph_def(
+            graph_def, input_map={"input_ids:0": input_ids, "attention_mask:0": attention_mask},
+            return_elements=[f"{INC_OUTPUT}:0"], name="inc")
+        return {savedmodel.OUTPUT: logits}
+
+    module = tf.Module()
+    module.serving = serving
+    need = graph_def.ByteSize()
+    free = shutil.disk_usage(dst.parent if dst.parent.exists() else Path.cwd()).free
+    if need * 1.1 + (64 << 20) > free:
+        raise UserError(f"not enough disk space for {dst}: about {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+    with savedmodel.atomic_folder(dst) as tmp:
+        tf.saved_model.save(module, str(tmp), signatures={savedmodel.SIGNATURE: serving})
+        for f in side_files:
+            shutil.copy2(f, tmp / Path(f).name)
+    return dst
