@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from . import savedmodel
 from .cli import UserError
+from .graph import make_node
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ INC_PEAK_BASE_BYTES = 1.3e9
 INC_PEAK_PER_MODEL_BYTE = 30.0
 PROTOBUF_LIMIT_BYTES = 2 ** 31      # INC serialises the frozen graph, weights included, in one protobuf
 INC_OUTPUT = "Identity"             # the output INC's frozen graph ends in (serving_default's logits)
+INC_INT8_MATMUL = "QuantizedMatMulWithBiasAndDequantize"
 
 
 # ---------------------------------------------------------------- flags and memory, before any work
@@ -148,15 +150,43 @@ def quantize_saved_model(src, dst, calibration_batches, output_dir, per_channel=
                  op_counts(fp32_graph)["MatMul"], per_channel, smooth_quant and sq_alpha, performance_only)
         loader = CalibrationLoader(calibration_batches)
         quantized = quantize_model(model, configs, loader, calib_iteration=len(loader))
-    graph_def = quantized.graph_def
+    graph_def = stock_tf_graph(quantized.graph_def)
     savedmodel.write_graph_def(graph_def, output_dir / "converted_graph_def.pb")
     ops = op_counts(graph_def)
-    int8 = sum(n for op, n in ops.items() if op.startswith("Quantized") and "MatMul" in op)
+    int8 = ops["_QuantizedMatMul"]
     log.info("INC: %d MatMuls -> %d int8 kernels, %d left in FP32 (%.0f s)",
              op_counts(fp32_graph)["MatMul"], int8, ops["MatMul"], time.perf_counter() - start)
     out = save_frozen_graph(graph_def, dst, side_files)
     log.info("wrote %s (%.1f MB; FP32 %.1f MB)", out, savedmodel.saved_model_size(out) / 1e6,
              savedmodel.saved_model_size(src) / 1e6)
+    return out
+
+
+def stock_tf_graph(graph_def):
+    """INC's graph with each QuantizedMatMulWithBiasAndDequantize as TensorFlow's `_QuantizedMatMul`.
+
+    INC's op has a kernel only after TensorFlow's oneDNN layout pass renames it, and that pass runs
+    only with TF_ENABLE_ONEDNN_OPTS=1, which TensorFlow turns on by default only on CPUs with
+    AVX-512 VNNI, BF16 or AMX; elsewhere (this AVX2 machine) the op's placeholder kernel returns
+    nothing ("Missing 0-th output"). `_QuantizedMatMul` is the same oneDNN kernel registered
+    directly: same inputs (INC's u8 activation, s8 weight, compensated int32 bias and ranges),
+    Dequantize fused, so the model runs in stock TensorFlow whatever the CPU and the flag."""
+    out = tf.compat.v1.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    for node in graph_def.node:
+        if node.op != INC_INT8_MATMUL:
+            out.node.add().CopyFrom(node)
+            continue
+        # inputs 7 and 8 (the frozen output range) only matter for a requantized int8 output
+        t1, t2, tbias = (tf.as_dtype(node.attr[k].type) for k in ("T1", "T2", "Tbias"))
+        out.node.append(make_node(
+            "_QuantizedMatMul", node.name, node.input[:7], T1=t1, T2=t2, Tbias=tbias, Tout=tf.float32,
+            U=tf.float32, Tdevice_inputs=[], Tdevice_outputs=[], Thost_inputs=[t1, t2, tbias] + [tf.float32] * 4,
+            Thost_outputs=[tf.float32], fused_ops=["BiasAdd", "Dequantize"],
+            input_quant_mode=node.attr["input_quant_mode"].s.decode(), output_quant_mode="SCALED",
+            transpose_a=node.attr["transpose_a"].b, transpose_b=node.attr["transpose_b"].b,
+            is_weight_const=True, is_bias_const=True))
     return out
 
 
