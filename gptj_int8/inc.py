@@ -21,11 +21,13 @@ from .graph import make_node
 
 log = logging.getLogger(__name__)
 
-# Peak RSS of quantize.py --engine inc = base + ratio x FP32 SavedModel size, fitted by
-# bench/inc_memory.py on this project's machine (TF 2.21, INC 3.10; see the README): the base is
-# TensorFlow, transformers and INC themselves, the ratio the frozen graph and INC's copies of it.
-INC_PEAK_BASE_BYTES = 1.3e9
-INC_PEAK_PER_MODEL_BYTE = 30.0
+# Peak RSS of quantize.py --engine inc = base + ratio x FP32 SavedModel size: a bound over the
+# runs measured on this project's machine (TF 2.21, INC 3.10, `/usr/bin/time -v python quantize.py
+# --engine inc ...`, README "### 2."): 22 MB -> 1.6 GB, 135 MB -> 6.0 GB, 237 MB -> 7.4 GB, and a
+# 608 MB GPT-J killed at 24 GB. The base is TensorFlow, transformers and INC themselves; the ratio
+# covers the frozen graph, INC's copies of it and the tensors its calibration dumps.
+INC_PEAK_BASE_BYTES = 1.0e9
+INC_PEAK_PER_MODEL_BYTE = 40.0
 PROTOBUF_LIMIT_BYTES = 2 ** 31      # INC serialises the frozen graph, weights included, in one protobuf
 INC_OUTPUT = "Identity"             # the output INC's frozen graph ends in (serving_default's logits)
 INC_INT8_MATMUL = "QuantizedMatMulWithBiasAndDequantize"
