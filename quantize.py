@@ -85,7 +85,7 @@ def main():
         inc.quantize_saved_model(input_model, converted, data.batches(calib, 1, tokenizer.pad_token_id), output_dir,
                                  per_channel=args.per_channel is not False, smooth_quant=bool(args.smooth_quant),
                                  sq_alpha=0.5 if args.sq_alpha is None else args.sq_alpha,
-                                 performance_only=bool(args.performance_only),
+                                 itex_mode=bool(args.itex_mode),
                                  side_files=[input_model / f for f in SIDE_FILES if (input_model / f).exists()])
         return
     converter = ConvertSavedModel(input_model, converted, data.batches(calib, 1, tokenizer.pad_token_id),

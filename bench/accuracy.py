@@ -30,7 +30,6 @@ SETTINGS = [
     ("INC default (per-channel)", ["--engine", "inc"]),
     ("INC per-tensor weights", ["--engine", "inc", "--no-per_channel"]),
     ("INC SmoothQuant alpha 0.5", ["--engine", "inc", "--smooth_quant", "--sq_alpha", "0.5"]),
-    ("INC performance_only", ["--engine", "inc", "--performance_only"]),
 ]
 
 

@@ -37,20 +37,28 @@ INC_INT8_MATMUL = "QuantizedMatMulWithBiasAndDequantize"
 
 def check_supported_flags(itex_mode, performance_only, max_accuracy_drop):
     """Refuse the flags INC 3.10's TensorFlow API cannot honour, one line each."""
-    if itex_mode:
-        try:
-            import intel_extension_for_tensorflow  # noqa: F401
-        except ImportError:
-            # INC's ITEX adaptor raises for the same reason (TensorFlowAdaptor._check_itex)
-            raise UserError("--itex_mode with --engine inc needs Intel Extension for TensorFlow, which INC's ITEX "
-                            "backend requires and which is not installed; the default engine's --itex_mode "
-                            "writes the QDQ form without it")
+    if itex_mode and not itex_installed():
+        # INC's ITEX adaptor raises for the same reason (TensorFlowAdaptor._check_itex)
+        raise UserError("--itex_mode with --engine inc needs Intel Extension for TensorFlow, which INC's ITEX "
+                        "backend requires and which is not installed; the default engine's --itex_mode "
+                        "writes the QDQ form without it")
     if itex_mode and performance_only:
         raise UserError("--itex_mode --performance_only with --engine inc clips negative activations "
                         "(argmax agreement with FP32 0.03, measured); use one of the two, or the default engine")
+    if performance_only:
+        raise UserError("--performance_only with --engine inc changes nothing on GPT-J outside INC's ITEX backend (the "
+                        "converted graph is byte for byte the same, measured); drop it, or use the default engine")
     if max_accuracy_drop is not None:
         raise UserError("--max_accuracy_drop is the default engine's accuracy-aware fallback; INC 3.10's "
                         "TensorFlow API has no per-MatMul fallback to map it to: drop --engine inc, or the flag")
+
+
+def itex_installed():
+    try:
+        import intel_extension_for_tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def estimate_peak_rss(model_bytes):
@@ -124,10 +132,11 @@ def op_counts(graph_def):
 
 
 def quantize_saved_model(src, dst, calibration_batches, output_dir, per_channel=True, smooth_quant=False,
-                         sq_alpha=0.5, performance_only=False, side_files=()):
+                         sq_alpha=0.5, itex_mode=False, side_files=()):
     """INC's quantize_model on the SavedModel `src`, rewritten as a SavedModel at `dst` with our
     signature. INC's work files go under `output_dir`/inc_workspace."""
     from neural_compressor.tensorflow import Model, quantize_model
+    from neural_compressor.tensorflow.utils import TFConfig
     if not calibration_batches:
         raise UserError("calibration needs at least one passage")
     src, dst, output_dir = Path(src).resolve(), Path(dst).resolve(), Path(output_dir).resolve()
@@ -140,7 +149,9 @@ def quantize_saved_model(src, dst, calibration_batches, output_dir, per_channel=
     # INC also writes to relative paths fixed at import (./nc_workspace/<time>, e.g. SmoothQuant's
     # temporary SavedModel): running it from inside the workspace keeps them there too
     with contextlib.chdir(workspace):
-        model = Model(str(src), conf={"workspace_path": str(workspace), "performance_only": bool(performance_only)})
+        model = Model(str(src), conf={"workspace_path": str(workspace)})
+        # INC picks its ITEX backend whenever ITEX is installed; the flag decides here
+        TFConfig.global_config["backend"] = "itex" if itex_mode else "default"
         fp32_graph = model.graph_def
         savedmodel.write_graph_def(fp32_graph, output_dir / "extracted_graph_def.pb")
         inputs = sorted(model.input_tensor_names)
@@ -148,8 +159,8 @@ def quantize_saved_model(src, dst, calibration_batches, output_dir, per_channel=
             raise UserError(f"INC read {src} as inputs {inputs}, outputs {model.output_tensor_names}; "
                             f"expected {', '.join(savedmodel.INPUTS)} -> {INC_OUTPUT}")
         configs = quantization_configs(per_channel, smooth_quant, sq_alpha)
-        log.info("INC: quantizing %d MatMuls (per_channel=%s, smooth_quant=%s, performance_only=%s)",
-                 op_counts(fp32_graph)["MatMul"], per_channel, smooth_quant and sq_alpha, performance_only)
+        log.info("INC: quantizing %d MatMuls (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
+                 op_counts(fp32_graph)["MatMul"], itex_mode, per_channel, smooth_quant and sq_alpha)
         loader = CalibrationLoader(calibration_batches)
         quantized = quantize_model(model, configs, loader, calib_iteration=len(loader))
     graph_def = stock_tf_graph(quantized.graph_def)
