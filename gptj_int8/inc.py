@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Peak RSS of quantize.py --engine inc = base + ratio x FP32 SavedModel size: a bound over the
 # runs measured on this project's machine (TF 2.21, INC 3.10, `/usr/bin/time -v python quantize.py
-# --engine inc ...`, README "### 2."): 22 MB -> 1.6 GB, 135 MB -> 6.0 GB, 237 MB -> 7.4 GB, and a
+# --engine inc ...`, README "### 2."): 22 MB -> 1.6 GB, 135 MB -> 6.2 GB, 237 MB -> 7.6 GB, and a
 # 608 MB GPT-J killed at 24 GB. The base is TensorFlow, transformers and INC themselves; the ratio
 # covers the frozen graph, INC's copies of it and the tensors its calibration dumps.
 INC_PEAK_BASE_BYTES = 1.0e9
