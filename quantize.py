@@ -64,6 +64,7 @@ def main():
         raise cli.UserError(f"{converted} exists and is not a SavedModel; pass --overwrite to replace it")
     if args.engine == "inc":
         from gptj_int8 import inc
+        inc.check_installed()
         inc.check_supported_flags(args.itex_mode, args.performance_only, args.max_accuracy_drop)
         inc.check_fits(input_model, args.max_memory_gb)
     output_dir = Path(args.output_dir)

@@ -35,6 +35,13 @@ INC_INT8_MATMUL = "QuantizedMatMulWithBiasAndDequantize"
 
 # ---------------------------------------------------------------- flags and memory, before any work
 
+def check_installed():
+    try:
+        import neural_compressor.tensorflow  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"--engine inc needs neural-compressor 3.10 (pip install -r requirements.txt): {e}")
+
+
 def check_supported_flags(itex_mode, performance_only, max_accuracy_drop):
     """Refuse the flags INC 3.10's TensorFlow API cannot honour, one line each."""
     if itex_mode and not itex_installed():
@@ -99,7 +106,7 @@ def check_fits(model_dir, max_memory_gb=None):
     if need > have:
         raise UserError(f"INC would need about {need / 1e9:.1f} GB of memory for {model_dir} "
                         f"({size / 1e9:.2f} GB), {have / 1e9:.1f} GB available: use the default engine "
-                        f"(drop --engine inc), which needs about 1.4x the model's size")
+                        f"(drop --engine inc), which needs about 1.34x the model's size")
     log.info("INC memory estimate %.1f GB of %.1f GB available", need / 1e9, have / 1e9)
 
 
