@@ -65,7 +65,7 @@ def main():
     if args.engine == "inc":
         from gptj_int8 import inc
         inc.check_installed()
-        inc.check_supported_flags(args.itex_mode, args.performance_only, args.max_accuracy_drop)
+        inc.check_supported_flags(args.itex_mode, args.performance_only, args.max_accuracy_drop, args.per_channel)
         inc.check_fits(input_model, args.max_memory_gb)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def main():
     log.info("calibrating on %d passages of %s", len(calib), args.dataset)
     if args.engine == "inc":
         inc.quantize_saved_model(input_model, converted, data.batches(calib, 1, tokenizer.pad_token_id), output_dir,
-                                 per_channel=args.per_channel is not False, smooth_quant=bool(args.smooth_quant),
+                                 smooth_quant=bool(args.smooth_quant),
                                  sq_alpha=0.5 if args.sq_alpha is None else args.sq_alpha,
                                  itex_mode=bool(args.itex_mode),
                                  side_files=[input_model / f for f in SIDE_FILES if (input_model / f).exists()])

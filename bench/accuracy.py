@@ -27,8 +27,7 @@ SETTINGS = [
     ("itex_mode (QDQ, fake quant on stock TF)", ["--itex_mode"]),
     ("fallback, max drop 0.5", ["--max_accuracy_drop", "0.5"]),
     ("itex_mode + performance_only", ["--itex_mode", "--performance_only"]),
-    ("INC default (per-channel)", ["--engine", "inc"]),
-    ("INC per-tensor weights", ["--engine", "inc", "--no-per_channel"]),
+    ("INC default (per-tensor weights)", ["--engine", "inc"]),
     ("INC SmoothQuant alpha 0.5", ["--engine", "inc", "--smooth_quant", "--sq_alpha", "0.5"]),
 ]
 

@@ -42,8 +42,12 @@ def check_installed():
         raise UserError(f"--engine inc needs neural-compressor 3.10 (pip install -r requirements.txt): {e}")
 
 
-def check_supported_flags(itex_mode, performance_only, max_accuracy_drop):
+def check_supported_flags(itex_mode, performance_only, max_accuracy_drop, per_channel=None):
     """Refuse the flags INC 3.10's TensorFlow API cannot honour, one line each."""
+    if per_channel:
+        raise UserError("--per_channel with --engine inc: INC 3.10 quantizes GPT-J's MatMul weights per tensor "
+                        "even when StaticQuantConfig asks for per_channel (the converted graph is byte for byte "
+                        "the same, measured); drop the flag, or use the default engine")
     if itex_mode and not itex_installed():
         # INC's ITEX adaptor raises for the same reason (TensorFlowAdaptor._check_itex)
         raise UserError("--itex_mode with --engine inc needs Intel Extension for TensorFlow, which INC's ITEX "
@@ -127,10 +131,11 @@ class CalibrationLoader:
         return len(self.batches)
 
 
-def quantization_configs(per_channel=True, smooth_quant=False, sq_alpha=0.5):
-    """INC's recipe for our flags: SmoothQuant (if asked) then static int8 quantization."""
+def quantization_configs(smooth_quant=False, sq_alpha=0.5):
+    """INC's recipe for our flags: SmoothQuant (if asked) then static int8 quantization (INC's
+    defaults: symmetric int8 weights per tensor, min/max calibrated activations)."""
     from neural_compressor.tensorflow import SmoothQuantConfig, StaticQuantConfig
-    static = StaticQuantConfig(weight_granularity="per_channel" if per_channel else "per_tensor")
+    static = StaticQuantConfig()
     return [SmoothQuantConfig(alpha=sq_alpha), static] if smooth_quant else static
 
 
@@ -138,8 +143,7 @@ def op_counts(graph_def):
     return collections.Counter(node.op for node in graph_def.node)
 
 
-def quantize_saved_model(src, dst, calibration_batches, output_dir, per_channel=True, smooth_quant=False,
-                         sq_alpha=0.5, itex_mode=False, side_files=()):
+def quantize_saved_model(src, dst, calibration_batches, output_dir, smooth_quant=False, sq_alpha=0.5, itex_mode=False, side_files=()):
     """INC's quantize_model on the SavedModel `src`, rewritten as a SavedModel at `dst` with our
     signature. INC's work files go under `output_dir`/inc_workspace."""
     from neural_compressor.tensorflow import Model, quantize_model
@@ -165,9 +169,9 @@ def quantize_saved_model(src, dst, calibration_batches, output_dir, per_channel=
         if inputs != sorted(savedmodel.INPUTS) or model.output_tensor_names != [INC_OUTPUT]:
             raise UserError(f"INC read {src} as inputs {inputs}, outputs {model.output_tensor_names}; "
                             f"expected {', '.join(savedmodel.INPUTS)} -> {INC_OUTPUT}")
-        configs = quantization_configs(per_channel, smooth_quant, sq_alpha)
-        log.info("INC: quantizing %d MatMuls (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
-                 op_counts(fp32_graph)["MatMul"], itex_mode, per_channel, smooth_quant and sq_alpha)
+        configs = quantization_configs(smooth_quant, sq_alpha)
+        log.info("INC: quantizing %d MatMuls (itex_mode=%s, smooth_quant=%s)",
+                 op_counts(fp32_graph)["MatMul"], itex_mode, smooth_quant and sq_alpha)
         loader = CalibrationLoader(calibration_batches)
         quantized = quantize_model(model, configs, loader, calib_iteration=len(loader))
     graph_def = stock_tf_graph(quantized.graph_def)

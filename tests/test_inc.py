@@ -105,6 +105,7 @@ def test_quantize_refuses_inc_when_memory_is_short(tmp_path, tiny_fp32):
 @pytest.mark.parametrize("flags, words", [
     (["--max_accuracy_drop", "0.5"], ["--max_accuracy_drop", "default engine"]),
     (["--performance_only"], ["--performance_only", "default engine"]),
+    (["--per_channel"], ["--per_channel", "per tensor"]),
     (["--itex_mode"], ["--itex_mode", "Intel Extension for TensorFlow"]),
 ])
 def test_quantize_refuses_flags_inc_cannot_honour(tmp_path, tiny_fp32, flags, words):
