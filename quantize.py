@@ -7,7 +7,7 @@ and after the QuantizeV2/Dequantize pairs (extracted_graph_def.pb, converted_gra
 quantize.log. --itex_mode / --performance_only override the defaults set in convert.py.
 
 --engine inc runs Intel Neural Compressor's quantize_model instead (gptj_int8/inc.py) on the same
-passages and writes the same outputs; it needs about 30x the model's size in memory and refuses
+passages and writes the same outputs; it needs up to about 40x the model's size in memory and refuses
 models that would not fit.
 """
 import argparse
@@ -47,7 +47,7 @@ def main():
                    help="passages after the calibration ones, for --max_accuracy_drop")
     p.add_argument("--engine", choices=["ours", "inc"], default="ours",
                    help="ours: convert.py's int8 kernels on variables; inc: Intel Neural Compressor 3.10's "
-                        "quantize_model (frozen weights, models up to 2 GB and ~30x their size in memory)")
+                        "quantize_model (frozen weights, models up to 2 GB and up to ~40x their size in memory)")
     p.add_argument("--max_memory_gb", type=float, default=None,
                    help="with --engine inc: memory this run may use (default: what the OS reports available); "
                         "INC is refused when its estimated need exceeds it")
