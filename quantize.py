@@ -5,12 +5,16 @@
 Writes the INT8 SavedModel (default ./converted_<name>) and, in --output_dir, the graph before
 and after the QuantizeV2/Dequantize pairs (extracted_graph_def.pb, converted_graph_def.pb) and
 quantize.log. --itex_mode / --performance_only override the defaults set in convert.py.
+
+--engine inc runs Intel Neural Compressor's quantize_model instead (gptj_int8/inc.py) on the same
+passages and writes the same outputs; it needs up to about 40x the model's size in memory and refuses
+models that would not fit.
 """
 import argparse
 import logging
 from pathlib import Path
 
-from convert import ConvertSavedModel
+from convert import SIDE_FILES, ConvertSavedModel
 from gptj_int8 import cli, data, models, savedmodel
 
 log = logging.getLogger("quantize")
@@ -41,15 +45,28 @@ def main():
                         "(points) on held-out passages of --dataset is within this bound")
     p.add_argument("--holdout_samples", type=cli.positive_int, default=200,
                    help="passages after the calibration ones, for --max_accuracy_drop")
+    p.add_argument("--engine", choices=["ours", "inc"], default="ours",
+                   help="ours: convert.py's int8 kernels on variables; inc: Intel Neural Compressor 3.10's "
+                        "quantize_model (frozen weights, models up to 2 GB and up to ~40x their size in memory)")
+    p.add_argument("--max_memory_gb", type=float, default=None,
+                   help="with --engine inc: memory this run may use (default: what the OS reports available); "
+                        "INC is refused when its estimated need exceeds it")
     args = p.parse_args()
 
     if args.sq_alpha is not None and not 0.0 <= args.sq_alpha <= 1.0:
         raise cli.UserError(f"--sq_alpha must be within [0, 1], got {args.sq_alpha}")
+    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+        raise cli.UserError(f"--max_memory_gb must be positive, got {args.max_memory_gb}")
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or models.default_converted_dir(input_model))
     savedmodel.check_saved_model_dir(input_model)
     if converted.exists() and not (converted / "saved_model.pb").exists() and not args.overwrite:
         raise cli.UserError(f"{converted} exists and is not a SavedModel; pass --overwrite to replace it")
+    if args.engine == "inc":
+        from gptj_int8 import inc
+        inc.check_installed()
+        inc.check_supported_flags(args.itex_mode, args.performance_only, args.max_accuracy_drop, args.per_channel)
+        inc.check_fits(input_model, args.max_memory_gb)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(output_dir / "quantize.log", mode="w")
@@ -65,6 +82,13 @@ def main():
         raise cli.UserError(f"--max_accuracy_drop needs passages beyond the {args.calib_samples} "
                             f"calibration ones in {args.dataset}")
     log.info("calibrating on %d passages of %s", len(calib), args.dataset)
+    if args.engine == "inc":
+        inc.quantize_saved_model(input_model, converted, data.batches(calib, 1, tokenizer.pad_token_id), output_dir,
+                                 smooth_quant=bool(args.smooth_quant),
+                                 sq_alpha=0.5 if args.sq_alpha is None else args.sq_alpha,
+                                 itex_mode=bool(args.itex_mode),
+                                 side_files=[input_model / f for f in SIDE_FILES if (input_model / f).exists()])
+        return
     converter = ConvertSavedModel(input_model, converted, data.batches(calib, 1, tokenizer.pad_token_id),
                                   output_dir, itex_mode=args.itex_mode, performance_only=args.performance_only,
                                   per_channel=args.per_channel, smooth_quant=args.smooth_quant,

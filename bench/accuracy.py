@@ -5,10 +5,16 @@
 For each setting: quantize.py converts the bundled model; the whole bundled evaluation set is
 scored (last-token accuracy, the original example's metric, and last-word accuracy), against
 FP32: the accuracy drop, argmax agreement, mean KL divergence of the next-token distributions,
-McNemar's p-value, and the INT8/FP32 speed ratio (batch 1, the two timed in turn).
+McNemar's p-value, the INT8/FP32 speed ratio (batch 1, the two timed in turn), the INT8 model's
+size, and the peak RSS (polled, the process and its children) and wall time of its quantize.py run.
+The `INC ...` rows run Intel Neural Compressor 3.10 (quantize.py --engine inc) on the same passages.
 """
 import argparse
+import json
 import shutil
+import time
+
+import psutil
 
 import common
 from common import RUNS
@@ -21,7 +27,28 @@ SETTINGS = [
     ("itex_mode (QDQ, fake quant on stock TF)", ["--itex_mode"]),
     ("fallback, max drop 0.5", ["--max_accuracy_drop", "0.5"]),
     ("itex_mode + performance_only", ["--itex_mode", "--performance_only"]),
+    ("INC default (per-tensor weights)", ["--engine", "inc"]),
+    ("INC SmoothQuant alpha 0.5", ["--engine", "inc", "--smooth_quant", "--sq_alpha", "0.5"]),
 ]
+
+
+def convert(fp32_dir, out, output_dir, flags, label):
+    """Run quantize.py; {"peak_rss_gb", "seconds"} of the run, also kept in output_dir/conversion.json
+    so that a later run reusing the model still reports them."""
+    start = time.perf_counter()
+    proc = common.script("quantize.py", "--input_model", fp32_dir, "--converted_model", out,
+                         "--output_dir", output_dir, *flags, cwd=RUNS)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    common.check(proc, label)
+    measured = {"peak_rss_gb": peak / 1e9, "seconds": time.perf_counter() - start}
+    (output_dir / "conversion.json").write_text(json.dumps(measured))
+    return measured
 
 
 def main():
@@ -45,25 +72,29 @@ def main():
         out = RUNS / f"converted_bundled_setting{i}"
         if args.fresh:
             shutil.rmtree(out, ignore_errors=True)
-        if not (out / "saved_model.pb").exists():
-            common.check(common.script("quantize.py", "--input_model", fp32_dir, "--converted_model", out,
-                                       "--output_dir", RUNS / f"output_bundled_setting{i}", *flags, cwd=RUNS),
-                         label)
+        output_dir = RUNS / f"output_bundled_setting{i}"
+        if not (out / "saved_model.pb").exists() or not (output_dir / "conversion.json").exists():
+            conversion = convert(fp32_dir, out, output_dir, flags, label)
+        else:
+            conversion = json.loads((output_dir / "conversion.json").read_text())
         int8_obj, int8 = savedmodel.load_serving_function(out)
         logits_b, token_b, word_b = benchmark.evaluate(int8, batches, label)
         t_fp32, t_int8 = benchmark.time_models([fp32, int8], timing, 3, len(timing))
         rows.append((label, token_b.mean() * 100, (token_a.mean() - token_b.mean()) * 100, word_b.mean() * 100,
                      benchmark.argmax_agreement(logits_a, logits_b), benchmark.mean_kl_divergence(logits_a, logits_b),
-                     benchmark.mcnemar_pvalue(token_a, token_b), common.median_ms(t_fp32) / common.median_ms(t_int8)))
+                     benchmark.mcnemar_pvalue(token_a, token_b), common.median_ms(t_fp32) / common.median_ms(t_int8),
+                     common.size_gb(out) * 1000, conversion["peak_rss_gb"], conversion["seconds"]))
         del int8, int8_obj
 
     print(f"\nBundled model, {len(token_a)} evaluation passages. FP32: last-token accuracy "
           f"{token_a.mean() * 100:.2f}%, last-word accuracy {word_a.mean() * 100:.2f}%.\n")
+    print(f"FP32 SavedModel {common.size_gb(fp32_dir) * 1000:.1f} MB.\n")
     print("| setting | last-token acc. % | drop (points) | last-word acc. % | agreement | KL (nats) "
-          "| McNemar p | INT8/FP32 speed |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, acc, drop, word, agree, kl, pval, speed in rows:
-        print(f"| {label} | {acc:.2f} | {drop:+.2f} | {word:.2f} | {agree:.4f} | {kl:.5f} | {pval:.3f} | {speed:.2f}x |")
+          "| McNemar p | INT8/FP32 speed | size MB | conversion peak RSS GB | conversion s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, acc, drop, word, agree, kl, pval, speed, size, peak, seconds in rows:
+        print(f"| {label} | {acc:.2f} | {drop:+.2f} | {word:.2f} | {agree:.4f} | {kl:.5f} | {pval:.3f} | {speed:.2f}x "
+              f"| {size:.1f} | {peak:.2f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
