@@ -92,6 +92,10 @@ class ConvertSavedModel:
 
         store = weights.Int8Weights(self.per_channel)    # one int8 copy of each weight for all signatures
         for name, graph in graphs.items():
+            fused = form is int8_matmul.fuse_int8_matmuls
+            kernels = len({s.activation for s in found[name]}) if fused else len(found[name])
+            log.info("%s: %d MatMuls -> %d int8 %s", name, len(found[name]), kernels,
+                     "kernels" if fused else "QDQ MatMuls")
             graph = form(graph, found[name], ranges[name], store)
             graph = weights.quantize_embeddings(graph, sites.find_embeddings(graph), store)
             graphs[name] = savedmodel.prune(graph)

@@ -1,6 +1,29 @@
-"""INT8 GPT-J for plain TensorFlow: export, calibrate, quantize, rebuild, benchmark."""
+"""INT8 GPT-J for plain TensorFlow: export, calibrate, quantize, rebuild, benchmark, generate."""
 import os
+import sys
 
-# transformers' TF models need Keras 2; oneDNN's int8 kernels need the oneDNN path on.
+# transformers' TF models need Keras 2; TensorFlow's C++ INFO and WARNING lines are not for users.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _import_tensorflow_quietly():
+    """Import TensorFlow and list its devices with the process's stderr closed. What it prints
+    then (CUDA probing on a CPU-only machine, absl's notice that logging is not initialised yet)
+    comes from C++ before any log level applies. Only the import is silenced: errors raised later, and an
+    import that fails, still reach the user."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow
+        tensorflow.config.list_physical_devices()   # where CUDA is probed, once per process
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_import_tensorflow_quietly()

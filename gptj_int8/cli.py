@@ -45,7 +45,13 @@ def run(main):
     """Run a script's main(): UserError becomes 'error: ...' on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)   # its saving chatter, once per variable
+    # TensorFlow's saving chatter (once per variable, and absl's "renamed to unknown" per
+    # signature) and datasets' version line are not the project's
+    for name in ("tensorflow", "absl", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING if name == "datasets" else logging.ERROR)
+    # transformers' notes on loading (its TF classes' deprecation, "all layers were used") too
+    import transformers
+    transformers.logging.set_verbosity_error()
     # `kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -1,15 +1,11 @@
 """The default form: QDQ + MatMul (+ BiasAdd) fused into TensorFlow's oneDNN `_QuantizedMatMul`,
 u8 activations x s8 weights -> float, the weight read from an int8 variable and kept reordered
 by oneDNN between calls (`is_weight_const`)."""
-import logging
-
 import numpy as np
 import tensorflow as tf
 
 from .graph import Rewriter, make_const, make_node, node_name
 from .weights import ACTIVATION_LEVELS, activation_range, compensated_int32_bias
-
-log = logging.getLogger(__name__)
 
 
 def fuse_int8_matmuls(graph, sites, ranges, store):
@@ -28,7 +24,6 @@ def fuse_int8_matmuls(graph, sites, ranges, store):
     # same side-by-side weight
     for site in sorted(sites, key=lambda s: graph.feeds[s.weight].name):
         groups.setdefault(site.activation, []).append(site)
-    log.info("%d MatMuls -> %d int8 kernels", len(sites), len(groups))
     for activation, group in groups.items():
         lo, hi = activation_range(*ranges[activation])
         hi = lo + (hi - lo) * 255.0 / (ACTIVATION_LEVELS - 1)   # the u8 range that gives those levels
