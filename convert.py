@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gptj_int8 import calibration, fallback, generation, int8_matmul, models, qdq, savedmodel, sites, smoothquant, weights
 from gptj_int8.cli import UserError
-from gptj_int8.generation import DECODE, PREFILL, SERVING
+from gptj_int8.generation import PREFILL, SERVING
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,6 @@ The `INC ...` rows run Intel Neural Compressor 3.10 (quantize.py --engine inc) o
 import argparse
 import json
 import shutil
-import time
-
-import psutil
 
 import common
 from common import RUNS
@@ -35,18 +32,9 @@ SETTINGS = [
 def convert(fp32_dir, out, output_dir, flags, label):
     """Run quantize.py; {"peak_rss_gb", "seconds"} of the run, also kept in output_dir/conversion.json
     so that a later run reusing the model still reports them."""
-    start = time.perf_counter()
-    proc = common.script("quantize.py", "--input_model", fp32_dir, "--converted_model", out,
-                         "--output_dir", output_dir, *flags, cwd=RUNS)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    common.check(proc, label)
-    measured = {"peak_rss_gb": peak / 1e9, "seconds": time.perf_counter() - start}
+    peak, seconds = common.script_peak("quantize.py", "--input_model", fp32_dir, "--converted_model", out,
+                                       "--output_dir", output_dir, *flags)
+    measured = {"peak_rss_gb": peak, "seconds": seconds}
     (output_dir / "conversion.json").write_text(json.dumps(measured))
     return measured
 

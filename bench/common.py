@@ -4,9 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -21,6 +23,21 @@ def script(name, *args, **popen):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, str(REPO / name), *map(str, args)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def script_peak(name, *args):
+    """(peak RSS in GB, seconds) of one run of one of the project's scripts."""
+    start = time.perf_counter()
+    proc = script(name, *args, cwd=RUNS)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    check(proc, f"{name} {' '.join(map(str, args))}")
+    return peak / 1e9, time.perf_counter() - start
 
 
 def check(proc, what):

@@ -12,32 +12,15 @@ revision is stored: float16 safetensors, one shard per layer. quantize.py's conv
 then loaded with plain TensorFlow, run, and compared with FP32.
 """
 import argparse
-import time
 
 import numpy as np
-import psutil
 
 import common
 from common import GPTJ_6B_LAYERS, GPTJ_6B_WIDTH, RUNS
 
-def script_peak(name, *args):
-    """(peak RSS in GB, seconds) of one run of one of the project's scripts."""
-    start = time.perf_counter()
-    proc = common.script(name, *args, cwd=RUNS)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    common.check(proc, f"{name} {' '.join(map(str, args))}")
-    return peak / 1e9, time.perf_counter() - start
-
-
 def quantize_peak(src, dst):
     """(peak RSS in GB, seconds) of one quantize.py run."""
-    return script_peak("quantize.py", "--input_model", src, "--converted_model", dst,
+    return common.script_peak("quantize.py", "--input_model", src, "--converted_model", dst,
                        "--output_dir", RUNS / f"output_{src.name}", "--calib_samples", "32")
 
 
@@ -83,13 +66,28 @@ def write_float16_checkpoint(n_layer, seed=0):
     return folder
 
 
+def print_projection(rows, size_col, what):
+    """Per-layer growth of model size, peak RSS and time (columns size_col, +1, +2 of `rows`, the
+    layer count first), fitted and projected to GPT-J-6B's layers."""
+    if len(rows) < 2:
+        return
+    layers = np.array([r[0] for r in rows], float)
+    (size_slope, size_icpt), (peak_slope, peak_icpt), (t_slope, t_icpt) = (
+        np.polyfit(layers, np.array([r[col] for r in rows]), 1) for col in (size_col, size_col + 1, size_col + 2))
+    size28 = size_slope * GPTJ_6B_LAYERS + size_icpt
+    peak28 = peak_slope * GPTJ_6B_LAYERS + peak_icpt
+    print(f"\nPer layer: +{size_slope:.2f} GB of model, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
+    print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
+          f"({peak28 / size28:.2f}x), {what} {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
+
+
 def bench_prepare(layers):
     """prepare_model.py from a float16 safetensors checkpoint to the FP32 SavedModel."""
     rows = []
     for n in layers:
         ckpt = write_float16_checkpoint(n)
         dst = RUNS / f"gptj-6b-width-{n}l-from-fp16"
-        peak, seconds = script_peak("prepare_model.py", "--model", ckpt, "--output_dir", dst, "--overwrite")
+        peak, seconds = common.script_peak("prepare_model.py", "--model", ckpt, "--output_dir", dst, "--overwrite")
         rows.append((n, common.size_gb(ckpt), common.size_gb(dst), peak, seconds))
 
     print("\n| layers | float16 checkpoint GB | FP32 SavedModel GB | peak RSS of prepare_model.py GB "
@@ -97,15 +95,7 @@ def bench_prepare(layers):
     print("|---|---|---|---|---|---|")
     for n, ckpt_size, size, peak, seconds in rows:
         print(f"| {n} | {ckpt_size:.2f} | {size:.2f} | {peak:.2f} | {peak / size:.2f}x | {seconds:.0f} |")
-    if len(rows) >= 2:
-        layers = np.array([r[0] for r in rows], float)
-        fit = lambda col: np.polyfit(layers, np.array([r[col] for r in rows]), 1)
-        (size_slope, size_icpt), (peak_slope, peak_icpt), (t_slope, t_icpt) = fit(2), fit(3), fit(4)
-        size28 = size_slope * GPTJ_6B_LAYERS + size_icpt
-        peak28 = peak_slope * GPTJ_6B_LAYERS + peak_icpt
-        print(f"\nPer layer: +{size_slope:.2f} GB of model, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
-        print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
-              f"({peak28 / size28:.2f}x), export {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
+    print_projection(rows, 2, "export")
 
 
 def bench_quantize(layers):
@@ -127,15 +117,7 @@ def bench_quantize(layers):
     for n, size, peak, seconds, int8_size, cos, agree in rows:
         print(f"| {n} | {size:.2f} | {peak:.2f} | {peak / size:.2f}x | {seconds:.0f} | {int8_size:.2f} "
               f"| {cos:.5f} | {agree:.3f} |")
-    if len(rows) >= 2:
-        layers = np.array([r[0] for r in rows], float)
-        fit = lambda col: np.polyfit(layers, np.array([r[col] for r in rows]), 1)
-        (size_slope, size_icpt), (peak_slope, peak_icpt), (t_slope, t_icpt) = fit(1), fit(2), fit(3)
-        size28 = size_slope * GPTJ_6B_LAYERS + size_icpt
-        peak28 = peak_slope * GPTJ_6B_LAYERS + peak_icpt
-        print(f"\nPer layer: +{size_slope:.2f} GB of model, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
-        print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
-              f"({peak28 / size28:.2f}x), conversion {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
+    print_projection(rows, 1, "conversion")
 
 
 def main():

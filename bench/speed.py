@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 import common
-from common import GPTJ_6B_LAYERS, RUNS
+from common import GPTJ_6B_LAYERS
 
 MODELS = [("gptj-6b-width-1l", 1), ("gptj-6b-width-2l", 2), ("gptj-6b-width-3l", 3), ("bundled-gptj-kjv", None)]
 # (K, N, how many per layer): the FP32 model's matmuls, and the INT8 model's (q, k, v and fc_in

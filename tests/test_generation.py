@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import FLAG_SETS, run_script
+from conftest import run_script
 from gptj_int8 import benchmark, data, generation, models
 
 PROMPTS = ["And God said", "In the beginning God created the heaven and the earth. And the earth was"]
