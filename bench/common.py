@@ -29,6 +29,14 @@ def script_peak(name, *args):
     """(peak RSS in GB, seconds) of one run of one of the project's scripts."""
     start = time.perf_counter()
     proc = script(name, *args, cwd=RUNS)
+    peak = poll_peak_rss(proc)
+    check(proc, f"{name} {' '.join(map(str, args))}")
+    return peak / 1e9, time.perf_counter() - start
+
+
+def poll_peak_rss(proc):
+    """Peak RSS in bytes of a running process and its children, polled until it ends. (A child's
+    own ru_maxrss is no measure: it keeps the RSS of the parent it was forked from.)"""
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -36,8 +44,7 @@ def script_peak(name, *args):
         except psutil.Error:
             pass
         time.sleep(0.05)
-    check(proc, f"{name} {' '.join(map(str, args))}")
-    return peak / 1e9, time.perf_counter() - start
+    return peak
 
 
 def check(proc, what):

@@ -49,18 +49,17 @@ def time_generation(steps, batches, new_tokens):
 
 def peak_rss_gb(model_dir, batch, new_tokens):
     """Peak RSS of a process that loads the model and generates once at `batch`."""
-    code = (f"import sys, resource; sys.path.insert(0, {str(common.REPO / 'bench')!r})\n"
-            "import gptj_int8, numpy as np, tensorflow as tf\n"
-            "import common; from gptj_int8 import generation\n"
+    code = (f"import sys; sys.path.insert(0, {str(common.REPO / 'bench')!r})\n"
+            "import gptj_int8, common, numpy as np, tensorflow as tf\n"
+            "from gptj_int8 import generation\n"
             f"m = tf.saved_model.load({str(model_dir)!r})\n"
             f"ids = np.array(common.token_windows({str(model_dir)!r}, {batch}, 32), np.int32)\n"
-            f"for _ in generation.stream(m.signatures['prefill'], m.signatures['decode'], ids, np.ones_like(ids), {new_tokens}): pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(common.REPO)})
-    if out.returncode:
-        raise SystemExit(f"peak RSS run failed:\n{out.stderr[-2000:]}")
-    return int(out.stdout.split()[-1]) * 1024 / 1e9
+            f"for _ in generation.stream(m.signatures['prefill'], m.signatures['decode'], ids, np.ones_like(ids), {new_tokens}): pass\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
+    peak = common.poll_peak_rss(proc)
+    common.check(proc, f"generation in {model_dir}")
+    return peak / 1e9
 
 
 def cache_step_ms(n_layer, n_head, head_dim, past, context, iterations=10):
@@ -94,8 +93,19 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--models", nargs="+", default=[name for name, _ in MODELS], help="a subset of the models")
     p.add_argument("--fresh", action="store_true", help="convert again even if a model exists")
+    p.add_argument("--rss_only", action="store_true", help="only the peak RSS of each model's generation process")
     args = p.parse_args()
     import tensorflow as tf
+
+    if args.rss_only:
+        print(f"\n| model | FP32 peak RSS GB | INT8 peak RSS GB |   (batch {max(args.batches)}, "
+              f"prompt 32, {args.new_tokens} new tokens, one process per model)")
+        print("|---|---|---|")
+        for name, n_layer in [m for m in MODELS if m[0] in args.models]:
+            fp32_dir, int8_dir = common.prepare(name, n_layer), common.converted(name, args.fresh)
+            print(f"| {name} | {peak_rss_gb(fp32_dir, max(args.batches), args.new_tokens):.2f} "
+                  f"| {peak_rss_gb(int8_dir, max(args.batches), args.new_tokens):.2f} |", flush=True)
+        return
 
     rows, kernels = [], {}
     for name, n_layer in [m for m in MODELS if m[0] in args.models]:
