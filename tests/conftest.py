@@ -25,6 +25,15 @@ def run_script(script, *args, cwd, check=True):
     return proc
 
 
+def saved_model_cli_run(model, signature, input_exprs):
+    """`saved_model_cli run` on one signature, as a TF Serving user would try a model; its stdout."""
+    proc = subprocess.run(["saved_model_cli", "run", "--dir", str(model), "--tag_set", "serve",
+                           "--signature_def", signature, "--input_exprs", input_exprs],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("pipeline")

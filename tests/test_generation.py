@@ -1,13 +1,12 @@
 """Generation: the KV cache against recomputation, left padding, one int8 copy of each weight for
 every signature, generate.py as a user runs it, and models exported before generation existed."""
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_script
+from conftest import run_script, saved_model_cli_run
 from gptj_int8 import benchmark, data, generation, models
 
 PROMPTS = ["And God said", "In the beginning God created the heaven and the earth. And the earth was"]
@@ -131,12 +130,8 @@ def test_generate_py_streams_a_continuation(converted_fused, tmp_path):
 
 def test_saved_model_cli_runs_generate(converted_fused):
     _, model, _ = converted_fused
-    proc = subprocess.run(["saved_model_cli", "run", "--dir", str(model), "--tag_set", "serve",
-                           "--signature_def", "generate", "--input_exprs",
-                           "input_ids=[[1,2,3]];attention_mask=[[1,1,1]];max_new_tokens=5"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "sequences" in proc.stdout
+    out = saved_model_cli_run(model, "generate", "input_ids=[[1,2,3]];attention_mask=[[1,1,1]];max_new_tokens=5")
+    assert "sequences" in out
 
 
 def test_sampler_keeps_only_the_top_tokens():
