@@ -41,8 +41,18 @@ def non_negative_int(text):
     return value
 
 
+_interrupted = False
+
+
+def _interrupt(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def run(main):
-    """Run a script's main(): UserError becomes 'error: ...' on stderr and exit code 2."""
+    """Run a script's main(): UserError becomes 'error: ...' on stderr and exit code 2; Ctrl-C and
+    `kill` become 'error: interrupted' and exit code 130."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     # TensorFlow's saving chatter (once per variable, and absl's "renamed to unknown" per
@@ -52,8 +62,11 @@ def run(main):
     # transformers' notes on loading (its TF classes' deprecation, "all layers were used") too
     import transformers
     transformers.logging.set_verbosity_error()
-    # `kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out. Ctrl-C
+    # is caught only where Python would (a process started with SIGINT ignored keeps ignoring it).
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         main()
     except UserError as e:
@@ -62,3 +75,10 @@ def run(main):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        # an interrupt that lands inside TensorFlow's C++ surfaces as another exception
+        # (e.g. SystemError from a tensor conversion): it is still the user's interrupt
+        if _interrupted:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
