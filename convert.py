@@ -91,8 +91,8 @@ class ConvertSavedModel:
             found = {name: [s for s in found[name] if sites.weight_key(graphs[name], s) not in kept] for name in graphs}
 
         store = weights.Int8Weights(self.per_channel)    # one int8 copy of each weight for all signatures
+        fused = form is int8_matmul.fuse_int8_matmuls
         for name, graph in graphs.items():
-            fused = form is int8_matmul.fuse_int8_matmuls
             kernels = len({s.activation for s in found[name]}) if fused else len(found[name])
             log.info("%s: %d MatMuls -> %d int8 %s", name, len(found[name]), kernels,
                      "kernels" if fused else "QDQ MatMuls")
@@ -124,9 +124,8 @@ class ConvertSavedModel:
             graph = graphs[name]
             batches = (self.calibration_batches if name == PREFILL
                        else calibration.decode_batches(functions[PREFILL], self.calibration_batches))
-            own = ([t for _, _, t in pairs[name]] and
-                   calibration.collect_activation_ranges(graph, [t for _, _, t in pairs[name]], batches).channels)
-            channels = dict(own or {})
+            tensors = [t for _, _, t in pairs[name]]
+            channels = dict(calibration.collect_activation_ranges(graph, tensors, batches).channels) if tensors else {}
             for site in found[name]:
                 key = sites.weight_key(graph, site)
                 if key not in by_weight:
