@@ -1,9 +1,12 @@
 """ConvertSavedModel: FP32 GPT-J SavedModel -> calibrated INT8 SavedModel.
 
 Edit the flags in __init__ to change the defaults (quantize.py's flags override them):
-    self.itex_mode = False         # True: keep QuantizeV2/Dequantize pairs for Intel Extension
-                                   # for TensorFlow to fuse; stock TensorFlow runs them as fake
-                                   # quantization. False: fuse them into oneDNN int8 kernels.
+    self.itex_mode = False         # True: QuantizeV2/Dequantize pairs before the MatMuls and the
+                                   # float ConcatV2s, for Intel Extension for TensorFlow to fuse;
+                                   # stock TensorFlow runs them as fake quantization. False: the
+                                   # MatMuls' pairs fused into oneDNN int8 kernels, where int8 is
+                                   # faster on this CPU; ConcatV2s stay FP32 (stock TensorFlow
+                                   # has no int8 ConcatV2: its pairs would cost time and accuracy).
     self.performance_only = False  # True: also put pairs before the attention BatchMatMulV2s.
     self.per_channel = True        # one int8 scale per output column of each weight (False: one
                                    # per weight matrix).
@@ -11,13 +14,17 @@ Edit the flags in __init__ to change the defaults (quantize.py's flags override 
     self.sq_alpha = 0.5            # SmoothQuant's migration strength, 0 (none) to 1 (all)
     self.max_accuracy_drop = None  # e.g. 0.5: keep the most harmful MatMuls in FP32 until the
                                    # last-token accuracy drop on held-out passages is <= 0.5 points
+    self.force_int8 = False        # True: an int8 kernel for every MatMul. False: each kernel is
+                                   # timed against its FP32 MatMuls at the model's shapes on this
+                                   # CPU, and MatMuls stay FP32 where int8 is not faster.
 """
 import logging
 from pathlib import Path
 
-from gptj_int8 import calibration, fallback, generation, int8_matmul, models, qdq, savedmodel, sites, smoothquant, weights
+from gptj_int8 import (calibration, fallback, generation, int8_matmul, kernel_choice, models, qdq, savedmodel, sites,
+                       smoothquant, weights)
 from gptj_int8.cli import UserError
-from gptj_int8.generation import PREFILL, SERVING
+from gptj_int8.generation import DECODE, PREFILL, SERVING
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +36,19 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 class ConvertSavedModel:
     def __init__(self, src, dst, calibration_batches, output_dir="./output",
                  itex_mode=None, performance_only=None, per_channel=None, smooth_quant=None, sq_alpha=None,
-                 max_accuracy_drop=None, holdout_batches=()):
+                 max_accuracy_drop=None, holdout_batches=(), force_int8=None):
         self.itex_mode = False
         self.performance_only = False
         self.per_channel = True
         self.smooth_quant = False
         self.sq_alpha = 0.5
         self.max_accuracy_drop = None
+        self.force_int8 = False
         # flags given by the caller (quantize.py's command line) override the defaults above
         for name, value in (("itex_mode", itex_mode), ("performance_only", performance_only),
                             ("per_channel", per_channel), ("smooth_quant", smooth_quant),
-                            ("sq_alpha", sq_alpha), ("max_accuracy_drop", max_accuracy_drop)):
+                            ("sq_alpha", sq_alpha), ("max_accuracy_drop", max_accuracy_drop),
+                            ("force_int8", force_int8)):
             if value is not None:
                 setattr(self, name, value)
         self.src = Path(src)
@@ -47,7 +56,8 @@ class ConvertSavedModel:
         self.output_dir = Path(output_dir)
         self.calibration_batches = calibration_batches
         self.holdout_batches = list(holdout_batches)
-        self.kept_in_fp32 = []
+        self.kept_in_fp32 = []      # MatMuls the accuracy-aware fallback kept in FP32
+        self.kept_for_speed = {}    # signature -> MatMuls kept in FP32 because int8 was slower
         if not calibration_batches:
             raise UserError("calibration needs at least one passage")
         if self.dst.resolve() == self.src.resolve() or self.src.resolve() in self.dst.resolve().parents:
@@ -61,10 +71,10 @@ class ConvertSavedModel:
         found = {}
         for name, graph in graphs.items():
             graphs[name], found[name] = sites.share_equal_inputs(graph, sites.find_matmul_sites(graph))
-        pair_ops = ["ConcatV2"] + (["BatchMatMulV2"] if self.performance_only else [])
+        pair_ops = (["ConcatV2"] if self.itex_mode else []) + (["BatchMatMulV2"] if self.performance_only else [])
         pairs = {name: sites.find_pair_inputs(graph, pair_ops) for name, graph in graphs.items()}
         log.info("quantizing %d MatMuls and %d inputs of %s in %s (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
-                 len(found[SERVING]), len(pairs[SERVING]), "/".join(pair_ops), ", ".join(graphs),
+                 len(found[SERVING]), len(pairs[SERVING]), "/".join(pair_ops) or "other ops", ", ".join(graphs),
                  self.itex_mode, self.per_channel, self.smooth_quant and self.sq_alpha)
         ranges = self._calibrate(graphs, found, pairs, functions)
 
@@ -90,8 +100,11 @@ class ConvertSavedModel:
             kept = {sites.weight_key(graphs[SERVING], s) for s in kept}
             found = {name: [s for s in found[name] if sites.weight_key(graphs[name], s) not in kept] for name in graphs}
 
-        store = weights.Int8Weights(self.per_channel)    # one int8 copy of each weight for all signatures
         fused = form is int8_matmul.fuse_int8_matmuls
+        if fused and not self.force_int8:
+            found = self._keep_slow_kernels_fp32(graphs, found, functions)
+
+        store = weights.Int8Weights(self.per_channel)    # one int8 copy of each weight for all signatures
         for name, graph in graphs.items():
             kernels = len({s.activation for s in found[name]}) if fused else len(found[name])
             log.info("%s: %d MatMuls -> %d int8 %s", name, len(found[name]), kernels,
@@ -109,6 +122,30 @@ class ConvertSavedModel:
         log.info("wrote %s (%.1f MB; FP32 %.1f MB)", out, savedmodel.saved_model_size(out) / 1e6,
                  savedmodel.saved_model_size(self.src) / 1e6)
         return out
+
+    def _keep_slow_kernels_fp32(self, graphs, found, functions):
+        """`found` without the groups of MatMuls whose int8 kernel is not faster than they are, timed
+        on this CPU at the rows each signature gives them for a passage of median length."""
+        batch = sorted(self.calibration_batches, key=lambda b: int(b[1].sum()))[len(self.calibration_batches) // 2]
+        timings = {}
+        for name, graph in graphs.items():
+            if not found[name]:
+                continue
+            inputs = next(calibration.decode_batches(functions[PREFILL], [batch]), None) if name == DECODE else batch
+            if inputs is None:   # a passage of one token has no decode step
+                continue
+            rows = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
+            kept = kernel_choice.choose_fp32_groups(name, graph, found[name], rows, timings, self.per_channel)
+            by_shape = {}
+            for group, shape, timing in kept:
+                by_shape.setdefault((shape, timing), []).extend(s.matmul for s in group)
+            for (shape, timing), names in by_shape.items():
+                log.info("%s: FP32 kept for %d MatMuls of %s, where int8 is slower on this CPU (FP32 %.3f ms, "
+                         "int8 %.3f ms): %s%s", name, len(names), shape, timing.fp32_ms, timing.int8_ms,
+                         ", ".join(names[:3]), f" and {len(names) - 3} more" if len(names) > 3 else "")
+            self.kept_for_speed[name] = [n for names in by_shape.values() for n in names]
+            found[name] = [s for s in found[name] if s.matmul not in set(self.kept_for_speed[name])]
+        return found
 
     def _calibrate(self, graphs, found, pairs, functions):
         """{signature: Ranges}. serving_default runs the calibration passages; its MatMul ranges

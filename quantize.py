@@ -43,6 +43,8 @@ def main():
     p.add_argument("--max_accuracy_drop", type=float, default=None,
                    help="keep the most harmful MatMuls in FP32 until the last-token accuracy drop "
                         "(points) on held-out passages of --dataset is within this bound")
+    p.add_argument("--force_int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="an int8 kernel for every MatMul, even where timing on this CPU finds it slower than FP32")
     p.add_argument("--holdout_samples", type=cli.positive_int, default=200,
                    help="passages after the calibration ones, for --max_accuracy_drop")
     p.add_argument("--engine", choices=["ours", "inc"], default="ours",
@@ -93,7 +95,8 @@ def main():
                                   output_dir, itex_mode=args.itex_mode, performance_only=args.performance_only,
                                   per_channel=args.per_channel, smooth_quant=args.smooth_quant,
                                   sq_alpha=args.sq_alpha, max_accuracy_drop=args.max_accuracy_drop,
-                                  holdout_batches=data.batches(holdout, 8, tokenizer.pad_token_id))
+                                  holdout_batches=data.batches(holdout, 8, tokenizer.pad_token_id),
+                                  force_int8=args.force_int8)
     converter()
 
 

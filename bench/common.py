@@ -142,20 +142,12 @@ def count_by_impl(kernels):
     return counts
 
 
-def matmul_times(shapes, m, warmup, iterations):
+def matmul_times(shapes, m, per_channel=True):
     """Median ms of m x K @ K x N for each (K, N) of `shapes`: TensorFlow's FP32 MatMul and the
-    converter's int8 kernel, timed in turn. {(K, N): (fp32, int8)}."""
-    from gptj_int8 import benchmark, int8_matmul, savedmodel, sites, weights
-    rng = np.random.RandomState(0)
+    converter's int8 kernel, timed in turn as the converter times them. {(K, N): (fp32, int8)}."""
+    from gptj_int8 import kernel_choice
     times = {}
     for k, n in shapes:
-        x = rng.randn(m, k).astype(np.float32)
-        graph = savedmodel.matmul_graph(x, (rng.randn(k, n) * 0.02).astype(np.float32))
-        ranges = {"x": (float(x.min()), float(x.max()))}
-        int8 = int8_matmul.fuse_int8_matmuls(graph.copy(), sites.find_matmul_sites(graph), ranges,
-                                             weights.Int8Weights(per_channel=True))
-        dummy = np.zeros([1, 1], np.int32)
-        t = benchmark.time_models([graph.serving_fn(), int8.serving_fn()], [(dummy, dummy)], warmup, iterations)
-        times[(k, n)] = tuple(map(median_ms, t))
-        del graph, int8
+        t = kernel_choice.time_group(kernel_choice.GroupShape(m, k, (n,), (False,)), per_channel, budget_s=3.0)
+        times[(k, n)] = (t.fp32_ms, t.int8_ms)
     return times

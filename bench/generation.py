@@ -152,7 +152,7 @@ def main():
     print("|---|---|---|---|---|")
     shapes = sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS})
     for m in (1, 8):
-        times = common.matmul_times(shapes, m, 5, 30)
+        times = common.matmul_times(shapes, m)
         for (k, n), (a, b) in times.items():
             print(f"| K={k} N={n} | {m} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
         fp32 = sum(times[(k, n)][0] * c for k, n, c in FP32_MATMULS)

@@ -64,8 +64,7 @@ def main():
           f"projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): FP32 {fp32 / 1000:.1f} s, INT8 {int8 / 1000:.1f} s, "
           f"{fp32 / int8:.2f}x.")
 
-    times = common.matmul_times(sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS}), 128,
-                                args.warmup, args.iterations)
+    times = common.matmul_times(sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS}), 128)
     print("\n| bare matmul, 128 x K @ K x N | FP32 ms | INT8 ms | INT8/FP32 speed |")
     print("|---|---|---|---|")
     for (k, n), (a, b) in times.items():

@@ -32,14 +32,14 @@ def _call(fn, batch):
     fn(input_ids=tf.constant(batch[0]), attention_mask=tf.constant(batch[1]))["logits"].numpy()
 
 
-def time_models(fns, batches, warmup, iterations):
+def time_models(fns, batches, warmup, iterations, progress=True):
     """Seconds per call of each function, interleaved call by call over `batches` (cycled),
     so that a noisy machine slows every model alike."""
     for i in range(warmup):
         for fn in fns:
             _call(fn, batches[i % len(batches)])
     seconds = [[] for _ in fns]
-    for i in tqdm(range(iterations), desc="timing", unit="it"):
+    for i in tqdm(range(iterations), desc="timing", unit="it", disable=not progress):
         for fn, out in zip(fns, seconds):
             start = time.perf_counter()
             _call(fn, batches[i % len(batches)])

@@ -65,3 +65,17 @@ def decode_batches(prefill, batches):
             continue
         first = prefill(input_ids=tf.constant(input_ids[:, :n - 1]), attention_mask=tf.constant(attention_mask[:, :n - 1]))
         yield input_ids[:, n - 1:n], attention_mask[:, :n], first["past_key_values"].numpy()
+
+
+def activation_rows(graph, tensors, batch):
+    """{tensor: rows} on one batch: the product of all of a tensor's dimensions but the last, the M
+    of the matmul that reads it (a prefill's lm_head reads one row per passage, not one per token)."""
+    tensors = sorted(set(tensors))
+    run = graph.function(fetches=tensors)
+
+    @tf.function(input_signature=list(graph.specs), autograph=False)
+    def shapes(*inputs):
+        return [tf.shape(v) for v in run(*inputs)]
+
+    found = shapes(*map(tf.constant, batch[:len(graph.inputs)]))
+    return {t: int(np.prod(s.numpy()[:-1])) for t, s in zip(tensors, found)}

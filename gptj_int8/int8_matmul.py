@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from .graph import Rewriter, make_const, make_node, node_name
-from .weights import ACTIVATION_LEVELS, activation_range, compensated_int32_bias
+from .weights import compensated_int32_bias, u8_activation_range
 
 
 def fuse_int8_matmuls(graph, sites, ranges, store):
@@ -14,10 +14,9 @@ def fuse_int8_matmuls(graph, sites, ranges, store):
     back into their outputs.
 
     One kernel for q, k, v and fc_in instead of four saves the per-call cost of each and runs
-    oneDNN's int8 GEMM on a wider matrix, where it is faster. The kernel takes one weight scale:
-    each weight is quantized (per column, or whole) to the full int8 range, the kernel is told
-    the largest scale, and a Mul by each column's share of it follows when the scales differ
-    (the bias is divided by the same share, so the Mul restores it too)."""
+    oneDNN's int8 GEMM on a wider matrix, where it is faster. The kernel takes each column's
+    weight scale (min_b/max_b as vectors: oneDNN's per-output-channel scales), so nothing follows
+    it but the split."""
     rw = Rewriter(graph)
     groups = {}
     # each group in the order of its variables' names, so every signature asks the store for the
@@ -25,17 +24,14 @@ def fuse_int8_matmuls(graph, sites, ranges, store):
     for site in sorted(sites, key=lambda s: graph.feeds[s.weight].name):
         groups.setdefault(site.activation, []).append(site)
     for activation, group in groups.items():
-        lo, hi = activation_range(*ranges[activation])
-        hi = lo + (hi - lo) * 255.0 / (ACTIVATION_LEVELS - 1)   # the u8 range that gives those levels
+        lo, hi = u8_activation_range(*ranges[activation])
         weight, absmax, column_sums = store.matmul(rw.graph, group)
         widths = [int(rw.graph.feeds[s.weight].shape[1]) for s in group]
         bias = np.concatenate([rw.graph.feeds[s.bias].numpy() if s.bias else np.zeros(n, np.float32)
                                for s, n in zip(group, widths)])
-        top = float(np.max(absmax))
-        share = absmax / top
-        scaled = bool(np.any(share != 1.0))
+        if np.all(absmax == absmax[0]):
+            absmax = absmax[:1].reshape(())   # one scale for the whole matrix
         name = group[0].matmul if len(group) == 1 else f"{node_name(activation)}/int8_matmul"
-        kernel = f"{name}/int8" if scaled else name
         # one QuantizeV2 per tensor
         quantized = f"{node_name(activation)}/quantize_u8"
         read = rw.read_variable(f"{name}/weight_int8", weight)
@@ -44,11 +40,11 @@ def fuse_int8_matmuls(graph, sites, ranges, store):
                make_node("QuantizeV2", quantized, [activation, f"{quantized}/min", f"{quantized}/max"],
                          T=tf.quint8, mode="MIN_FIRST", ensure_minimum_range=0.0),
                make_node("Bitcast", f"{name}/weight_qint8", [read], T=tf.int8, type=tf.qint8),
-               make_const(f"{name}/bias_int32", compensated_int32_bias(bias / share, column_sums, top, lo, hi),
+               make_const(f"{name}/bias_int32", compensated_int32_bias(bias, column_sums, absmax, lo, hi),
                           tf.qint32),
-               make_const(f"{name}/min_b", -top, tf.float32),
-               make_const(f"{name}/max_b", top, tf.float32),
-               make_node("_QuantizedMatMul", kernel,
+               make_const(f"{name}/min_b", -absmax, tf.float32),
+               make_const(f"{name}/max_b", absmax, tf.float32),
+               make_node("_QuantizedMatMul", name,
                          [quantized, f"{name}/weight_qint8", f"{name}/bias_int32",
                           f"{quantized}:1", f"{quantized}:2", f"{name}/min_b", f"{name}/max_b"],
                          T1=tf.quint8, T2=tf.qint8, Tbias=tf.qint32, Tout=tf.float32, U=tf.float32,
@@ -57,9 +53,6 @@ def fuse_int8_matmuls(graph, sites, ranges, store):
                          Thost_outputs=[tf.float32], fused_ops=["BiasAdd", "Dequantize"],
                          input_quant_mode="MIN_FIRST", output_quant_mode="SCALED",
                          transpose_a=False, transpose_b=False, is_weight_const=True, is_bias_const=True))
-        if scaled:
-            rw.add(make_const(f"{name}/column_scale", share.astype(np.float32), tf.float32),
-                   make_node("Mul", name, [kernel, f"{name}/column_scale"], T=tf.float32))
         if len(group) > 1:
             rw.add(make_const(f"{name}/widths", widths, tf.int32),
                    make_const(f"{name}/last_axis", -1, tf.int32),

@@ -79,22 +79,32 @@ class ServingGraph:
 
 def matmul_graph(x, w, bias=None):
     """The smallest graph the converter works on: x @ w (+ bias), x a constant, w (and bias) held
-    in variables, behind the two inputs every ServingGraph has (unused here)."""
+    in variables, behind the two inputs every ServingGraph has (unused here). `w` and `bias` may
+    be lists: one MatMul (+ BiasAdd, where its bias is not None) each, all reading x; the first
+    output is `logits`, the others `logits_1`, `logits_2`, ..."""
+    weights = w if isinstance(w, list) else [w]
+    biases = bias if isinstance(bias, list) else [bias] + [None] * (len(weights) - 1)
     nodes = [make_node("Placeholder", name, [], dtype=tf.int32) for name in INPUTS]
-    nodes += [make_node("Placeholder", "x", [], dtype=tf.float32),
-              make_resource_placeholder("w"),
-              make_node("ReadVariableOp", "w/read", ["w"], dtype=tf.float32),
-              make_node("MatMul", "mm", ["x", "w/read"], T=tf.float32, transpose_a=False, transpose_b=False)]
-    feeds = {"w": tf.Variable(w), "x": tf.constant(x)}
-    out = "mm:0"
-    if bias is not None:
-        nodes += [make_resource_placeholder("b"), make_node("ReadVariableOp", "b/read", ["b"], dtype=tf.float32),
-                  make_node("BiasAdd", "out", ["mm", "b/read"], T=tf.float32)]
-        feeds["b"] = tf.Variable(bias)
-        out = "out:0"
+    nodes.append(make_node("Placeholder", "x", [], dtype=tf.float32))
+    feeds, outputs = {"x": tf.constant(x)}, {}
+    for i, (w_i, b_i) in enumerate(zip(weights, biases)):
+        suffix = str(i) if len(weights) > 1 else ""
+        nodes += [make_resource_placeholder(f"w{suffix}"),
+                  make_node("ReadVariableOp", f"w{suffix}/read", [f"w{suffix}"], dtype=tf.float32),
+                  make_node("MatMul", f"mm{suffix}", ["x", f"w{suffix}/read"], T=tf.float32,
+                            transpose_a=False, transpose_b=False)]
+        feeds[f"w{suffix}"] = tf.Variable(w_i)
+        out = f"mm{suffix}:0"
+        if b_i is not None:
+            nodes += [make_resource_placeholder(f"b{suffix}"),
+                      make_node("ReadVariableOp", f"b{suffix}/read", [f"b{suffix}"], dtype=tf.float32),
+                      make_node("BiasAdd", f"out{suffix}", [f"mm{suffix}", f"b{suffix}/read"], T=tf.float32)]
+            feeds[f"b{suffix}"] = tf.Variable(b_i)
+            out = f"out{suffix}:0"
+        outputs[f"{OUTPUT}_{i}" if i else OUTPUT] = out
     graph_def = tf.compat.v1.GraphDef()
     graph_def.node.extend(nodes)
-    return ServingGraph(graph_def, {name: name for name in INPUTS}, {OUTPUT: out}, feeds)
+    return ServingGraph(graph_def, {name: name for name in INPUTS}, outputs, feeds)
 
 
 def check_saved_model_dir(path):

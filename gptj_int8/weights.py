@@ -3,13 +3,13 @@ one store of int8 variables, so every signature of a model reads the same int8 c
 import numpy as np
 import tensorflow as tf
 
-from .cli import cpu_flags
 from .graph import Rewriter, make_const, make_node
 
 
-# Without VNNI, oneDNN's u8 x s8 kernels add pairs of products in int16 (vpmaddubsw), which
-# saturates once 2 * 255 * 127 > 32767. Activations then use 128 levels, 2 * 127 * 127 fits.
-ACTIVATION_LEVELS = 256 if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 128
+# Activations use 128 of the u8 levels on every CPU, so that a converted model computes the same
+# on every CPU it is run on: without VNNI, oneDNN's u8 x s8 kernels add pairs of products in int16
+# (vpmaddubsw), which saturates once 2 * 255 * 127 > 32767; 2 * 127 * 127 fits.
+ACTIVATION_LEVELS = 128
 
 
 def activation_range(lo, hi):
@@ -18,6 +18,20 @@ def activation_range(lo, hi):
     if hi - lo < 1e-6:
         hi = lo + 1e-6
     return lo, hi
+
+
+def u8_activation_range(lo, hi):
+    """The (min, max) to give QuantizeV2 (quint8, MIN_FIRST) so that [lo, hi] takes
+    ACTIVATION_LEVELS levels and zero is a level: the zero point is a whole number.
+
+    TensorFlow's own QuantizeV2 rounds x * scale and the zero point apart; the oneDNN one it
+    runs when TF_ENABLE_ONEDNN_OPTS is on (the default on CPUs with AVX-512 VNNI or AMX) rounds
+    their sum. They agree only when the zero point is whole; the int8 bias compensates a whole one."""
+    lo, hi = activation_range(lo, hi)
+    step = (hi - lo) / (ACTIVATION_LEVELS - 1)
+    zero = min(max(round(-lo / step), 0), ACTIVATION_LEVELS - 1)
+    lo = -zero * step
+    return lo, lo + 255 * step
 
 
 def _row_blocks(w, block_elements=1 << 24):
@@ -66,9 +80,10 @@ def quantize_symmetric(w, axis=None, block_elements=1 << 24):
 
 def compensated_int32_bias(bias, column_sums, weight_absmax, lo, hi):
     """The qint32 bias of a u8 (MIN_FIRST) x s8 matmul: the float bias in accumulator units plus
-    the activation's zero point times each column's int8 weight sum, which the kernel cannot see."""
+    the activation's zero point times each column's int8 weight sum, which the kernel cannot see.
+    `weight_absmax` is one value, or one per column."""
     scale_a = 255.0 / (hi - lo)
-    scale_w = 127.0 / float(weight_absmax)
+    scale_w = 127.0 / np.asarray(weight_absmax, np.float64)
     return np.rint(bias.astype(np.float64) * scale_a * scale_w
                    + column_sums.astype(np.float64) * np.rint(lo * scale_a)).astype(np.int32)
 

@@ -176,3 +176,35 @@ def test_smooth_quant_keeps_the_product_and_tames_an_outlier_channel(fuse):
         g = (int8_matmul.fuse_int8_matmuls if fuse else qdq.insert_qdq_pairs)(g, s, r, weights.Int8Weights(False))
         errors[alpha] = np.abs(_run(g) - ref).mean() / np.abs(ref).mean()
     assert errors[0.5] < 0.5 * errors[None], errors
+
+
+def test_slow_kernels_stay_fp32_and_each_shape_is_timed_once():
+    """choose_fp32_groups with a timer that finds int8 slower only for the widest group: that
+    group is kept in FP32, the others are not, and a shape seen again (another signature) is not
+    timed again."""
+    from gptj_int8 import kernel_choice
+    rng = np.random.RandomState(6)
+    x = rng.randn(8, 64).astype(np.float32)
+    graph = savedmodel.matmul_graph(x, [(rng.randn(64, n) * 0.1).astype(np.float32) for n in (32, 48)])
+    wide = savedmodel.matmul_graph(x, (rng.randn(64, 512) * 0.1).astype(np.float32), np.zeros(512, np.float32))
+    timed = []
+
+    def timer(shape, per_channel):
+        timed.append(shape)
+        return kernel_choice.Timing(1.0, 2.0 if sum(shape.widths) > 100 else 0.5)
+
+    timings = {}
+    for g in (graph, wide, wide):
+        found = sites.find_matmul_sites(g)
+        kept = kernel_choice.choose_fp32_groups("serving_default", g, found, {"x": 8}, timings, timer=timer)
+        assert [s.matmul for group, _, _ in kept for s in group] == (["mm"] if g is wide else [])
+    assert [(s.rows, s.depth, s.widths, s.biases) for s in timed] == [(8, 64, (32, 48), (False, False)),
+                                                                      (8, 64, (512,), (True,))]
+
+
+def test_group_timing_runs_both_forms_at_the_shape():
+    from gptj_int8 import kernel_choice
+    shape = kernel_choice.GroupShape(4, 128, (64, 96), (False, True))
+    t = kernel_choice.time_group(shape, budget_s=0.05)
+    assert t.fp32_ms > 0 and t.int8_ms > 0
+    assert str(shape) == "4 x 128 @ 128 x 64+96"

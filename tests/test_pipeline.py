@@ -1,6 +1,7 @@
 """The pipeline as a user runs it: pairs in the graph, a SavedModel that plain TF loads and that
 agrees with FP32, the dumps, the benchmark's JSON."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def test_extracted_graph_keeps_weights_as_variables(converted):
     assert max(n.attr["value"].tensor.ByteSize() for n in g.node if n.op == "Const") < 64 * 1024
 
 
-def test_converted_graph_has_pairs_before_every_dense_matmul_and_float_concat(converted):
+def test_converted_graph_has_pairs_or_int8_kernels_before_every_dense_matmul(converted):
     name, _, out_dir = converted
     g = _graph(out_dir / "converted_graph_def.pb")
     index = GraphIndex(g)
@@ -51,24 +52,52 @@ def test_converted_graph_has_pairs_before_every_dense_matmul_and_float_concat(co
         assert len(fused) == 2 * 3 + 1 and not any(n.op == "MatMul" for n in g.node)
         splits = [n for n in g.node if n.op == "SplitV"]
         assert [n.attr["num_split"].i for n in splits] == [4, 4]
-        for n in splits:
-            kernel = index.producer(n.input[0])
-            if kernel.op == "Mul":               # per-channel: each column's share of the kernel's scale
-                kernel = index.producer(kernel.input[0])
-            assert kernel.op == "_QuantizedMatMul"
+        assert all(index.producer(n.input[0]).op == "_QuantizedMatMul" for n in splits)
         for n in fused:
             assert index.producer(n.input[0]).op == "QuantizeV2"
             assert n.attr["T1"].type == tf.quint8.as_datatype_enum
             assert n.attr["T2"].type == tf.qint8.as_datatype_enum
             assert list(n.attr["fused_ops"].list.s) == [b"BiasAdd", b"Dequantize"]
+            # one weight scale per output column, inside the kernel: no Mul after it
+            width = tf.make_ndarray(index.producer(n.input[2]).attr["value"].tensor).shape[0]
+            assert tf.make_ndarray(index.producer(n.input[6]).attr["value"].tensor).shape == (width,)
+            assert all(c.op != "Mul" for c in index.consumers[n.name])
     float_concats = [n for n in g.node if n.op == "ConcatV2" and n.attr["T"].type == tf.float32.as_datatype_enum]
     assert len(float_concats) == 2 * 2                # the two rotary concats per layer
     for n in float_concats:
-        for tensor in n.input[:n.attr["N"].i]:
-            producer = index.producer(tensor)
-            assert producer.op == "Dequantize" and index.producer(producer.input[0]).op == "QuantizeV2"
+        # pairs for ITEX to fuse; stock TensorFlow has no int8 ConcatV2, so the fused form leaves them
+        producers = [index.producer(t).op for t in n.input[:n.attr["N"].i]]
+        assert all(op == "Dequantize" for op in producers) == ("itex" in name)
+        assert "Dequantize" not in producers or "itex" in name
     bmm = [n for n in g.node if n.op == "BatchMatMulV2"]
     assert all(index.producer(i).op == "Dequantize" for n in bmm for i in n.input) == ("perf" in name)
+
+
+def test_default_conversion_keeps_fp32_only_where_int8_was_timed_slower(converted_timed, tiny_fp32):
+    """Without --force_int8, each MatMul of each signature is an int8 kernel or is named in the log
+    as kept in FP32 beside its measured times; the model still agrees with FP32."""
+    _, model, out_dir = converted_timed
+    log = (out_dir / "quantize.log").read_text()
+    assert "timed " in log and " ms, int8 " in log
+    kept_lines = [line for line in log.splitlines() if "FP32 kept for" in line]
+    for step, dump in (("serving_default", "converted_graph_def.pb"), ("decode", "converted_decode_graph_def.pb")):
+        g = _graph(out_dir / dump)
+        matmuls = [n.name for n in g.node if n.op == "MatMul"]
+        kernels = [n for n in g.node if n.op == "_QuantizedMatMul"]
+        lines = [line for line in kept_lines if f"INFO convert {step}:" in line]
+        assert sum(int(re.search(r"FP32 kept for (\d+) MatMuls", line).group(1)) for line in lines) == len(matmuls)
+        for line in lines:
+            shown = line.split("): ", 1)[1].split(" and ")[0].split(", ")
+            assert set(shown) <= set(matmuls)
+        assert len(kernels) + len(matmuls) >= 2 * 3 + 1
+    fp32 = tf.saved_model.load(str(tiny_fp32)).signatures["serving_default"]
+    int8 = tf.saved_model.load(str(model)).signatures["serving_default"]
+    a, b = [], []
+    for input_ids, attention_mask, _ in _passage_batches(tiny_fp32, 8):
+        feed = dict(input_ids=tf.constant(input_ids), attention_mask=tf.constant(attention_mask))
+        a.append(fp32(**feed)["logits"].numpy()[0])
+        b.append(int8(**feed)["logits"].numpy()[0])
+    assert benchmark.logit_cosine(np.concatenate(a), np.concatenate(b)) >= 0.99
 
 
 def test_converted_model_loads_with_plain_tf_and_agrees_with_fp32(converted, tiny_fp32):

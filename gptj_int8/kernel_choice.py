@@ -1,0 +1,95 @@
+"""Performance-aware conversion: the MatMuls that read one activation become an int8 kernel only
+where, timed on the CPU that converts, the kernel is faster than they are in FP32.
+
+A group (the MatMuls `fuse_int8_matmuls` would merge) is timed at its shapes and at the rows it
+reads in its signature (a passage's tokens in serving_default and prefill; one row in decode, and
+at the lm_head of prefill): its FP32 MatMuls (+ BiasAdds) on random data against what replaces
+them, QuantizeV2 + the int8 kernel (+ its split), built by the converter itself. Groups of one
+shape are timed once. Whether int8 pays depends on the CPU (AVX2, VNNI, AMX) and on the shape:
+at one row and small widths the kernel's fixed costs can exceed the FP32 matmul's.
+"""
+import dataclasses
+import logging
+
+import numpy as np
+
+from . import benchmark, int8_matmul, savedmodel, sites, weights
+
+log = logging.getLogger(__name__)
+
+# A timed weight holds at most this many values (512 MB in FP32); wider groups are timed on
+# proportionally fewer columns, still far beyond any CPU's cache, as at full size.
+MAX_TIMED_VALUES = 1 << 27
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupShape:
+    rows: int          # M: rows of the activation
+    depth: int         # K
+    widths: tuple      # N of each MatMul
+    biases: tuple      # whether each MatMul has a BiasAdd
+
+    def __str__(self):
+        n = f"{self.widths[0]}" if len(self.widths) == 1 else "+".join(map(str, self.widths))
+        return f"{self.rows} x {self.depth} @ {self.depth} x {n}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    fp32_ms: float
+    int8_ms: float
+
+    @property
+    def int8_pays(self):
+        return self.int8_ms < self.fp32_ms
+
+
+def group_sites(found):
+    """{activation: [sites]}, the groups `fuse_int8_matmuls` merges into one kernel."""
+    groups = {}
+    for site in found:
+        groups.setdefault(site.activation, []).append(site)
+    return groups
+
+
+def group_shape(graph, group, rows):
+    return GroupShape(rows, int(graph.feeds[group[0].weight].shape[0]),
+                      tuple(int(graph.feeds[s.weight].shape[1]) for s in group),
+                      tuple(s.bias is not None for s in group))
+
+
+def time_group(shape, per_channel=True, warmup=2, budget_s=0.5, seed=0):
+    """Median ms per call of the group's FP32 MatMuls and of its int8 replacement, called in turn
+    (after `warmup` calls) for about `budget_s` seconds, at least 5 times each."""
+    rng = np.random.RandomState(seed)
+    scale = min(1.0, MAX_TIMED_VALUES / (shape.depth * sum(shape.widths)))
+    widths = [max(1, int(n * scale)) for n in shape.widths]
+    x = rng.randn(shape.rows, shape.depth).astype(np.float32)
+    graph = savedmodel.matmul_graph(x, [(rng.randn(shape.depth, n) * 0.02).astype(np.float32) for n in widths],
+                                    [rng.randn(n).astype(np.float32) * 0.1 if b else None
+                                     for n, b in zip(widths, shape.biases)])
+    int8 = int8_matmul.fuse_int8_matmuls(graph.copy(), sites.find_matmul_sites(graph),
+                                         {"x": (float(x.min()), float(x.max()))}, weights.Int8Weights(per_channel))
+    fns = [graph.serving_fn(), int8.serving_fn()]
+    dummy = np.zeros([1, 1], np.int32)
+    first = benchmark.time_models(fns, [(dummy, dummy)], warmup, 1, progress=False)
+    calls = int(np.clip(budget_s / max(sum(t[0] for t in first), 1e-6), 5, 500))
+    fp32, int8_s = benchmark.time_models(fns, [(dummy, dummy)], 0, calls, progress=False)
+    return Timing(float(np.median(fp32) * 1000), float(np.median(int8_s) * 1000))
+
+
+def choose_fp32_groups(name, graph, found, rows, timings, per_channel=True, timer=time_group):
+    """The groups of `found` (sites of signature `name`) to keep in FP32, as [(group, shape, timing)]:
+    those whose int8 kernel is not faster. `rows` maps each activation to its row count;
+    `timings` ({GroupShape: Timing}) is filled and reused across signatures."""
+    kept = []
+    for activation, group in group_sites(found).items():
+        shape = group_shape(graph, group, rows[activation])
+        if shape not in timings:
+            timings[shape] = timer(shape, per_channel)
+            t = timings[shape]
+            log.info("timed %s: FP32 %.3f ms, int8 %.3f ms (%.2fx) -> %s", shape, t.fp32_ms, t.int8_ms,
+                     t.fp32_ms / t.int8_ms, "int8" if t.int8_pays else "FP32")
+        if not timings[shape].int8_pays:
+            kept.append((group, shape, timings[shape]))
+    return kept
