@@ -18,11 +18,15 @@ GPTJ_6B_WIDTH = "n_embd=4096,n_head=16,rotary_dim=64,n_inner=16384,vocab_size=50
 GPTJ_6B_LAYERS = 28
 
 
-def script(name, *args, **popen):
-    """Start one of the project's scripts as a user would run it."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, str(REPO / name), *map(str, args)], env=env,
+def script_env(extra_env=None):
+    return dict(os.environ, PYTHONPATH=str(REPO), **(extra_env or {}))
+
+
+def script(name, *args, extra_env=None, **popen):
+    """Start one of the project's scripts as a user would run it (with `extra_env` set)."""
+    return subprocess.Popen([sys.executable, str(REPO / name), *map(str, args)], env=script_env(extra_env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
 
 
 def script_peak(name, *args):

@@ -1,20 +1,34 @@
 """What every script shares: one clear error line for bad input, logging, argument types."""
 import argparse
 import logging
+import os
 import signal
 import sys
 
 
-def cpu_flags():
-    """The CPU's feature flags (avx2, avx512_vnni, amx_int8, ...) from /proc/cpuinfo."""
+def _cpuinfo(field):
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags():
+    """The CPU's feature flags (avx2, avx512_vnni, amx_int8, ...) from /proc/cpuinfo."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_name():
+    """The CPU's model name and its widest int8 instructions, e.g. 'AMD EPYC (AVX2, no VNNI)'."""
+    flags = cpu_flags()
+    isa = ("AMX" if "amx_int8" in flags else "AVX-512 VNNI" if "avx512_vnni" in flags
+           else "AVX-VNNI" if "avx_vnni" in flags else "AVX-512, no VNNI" if "avx512f" in flags
+           else "AVX2, no VNNI" if "avx2" in flags else "no AVX2")
+    return f"{_cpuinfo('model name') or 'unknown CPU'} ({isa}, {os.cpu_count()} cores)"
 
 
 class UserError(Exception):
