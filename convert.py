@@ -16,7 +16,7 @@ Edit the flags in __init__ to change the defaults (quantize.py's flags override 
                                    # last-token accuracy drop on held-out passages is <= 0.5 points
     self.force_int8 = False        # True: an int8 kernel for every MatMul. False: each kernel is
                                    # timed against its FP32 MatMuls at the model's shapes on this
-                                   # CPU, and MatMuls stay FP32 where int8 is not faster.
+                                   # CPU, and MatMuls stay FP32 where int8 is slower.
 """
 import logging
 from pathlib import Path
@@ -124,7 +124,7 @@ class ConvertSavedModel:
         return out
 
     def _keep_slow_kernels_fp32(self, graphs, found, functions):
-        """`found` without the groups of MatMuls whose int8 kernel is not faster than they are, timed
+        """`found` without the groups of MatMuls whose int8 kernel is slower than they are, timed
         on this CPU at the rows each signature gives them for a passage of median length."""
         batch = sorted(self.calibration_batches, key=lambda b: int(b[1].sum()))[len(self.calibration_batches) // 2]
         timings = {}
