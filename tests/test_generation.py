@@ -96,12 +96,12 @@ def test_every_signature_is_converted_and_shares_one_int8_copy_of_each_weight(co
 
 def test_int8_generation_agrees_with_fp32_on_the_bundled_model(workdir):
     """Teacher-forced: INT8 continues FP32's greedy text and picks FP32's token."""
-    fp32_dir, int8_dir = workdir / "gptj-kjv", workdir / "converted_gptj-kjv-fused"
+    fp32_dir, int8_dir = workdir / "gptj-kjv", workdir / "converted_gptj-kjv-timed"
     if not (fp32_dir / "saved_model.pb").exists():
         run_script("prepare_model.py", cwd=workdir)
     if not (int8_dir / "saved_model.pb").exists():
         run_script("quantize.py", "--input_model", fp32_dir, "--converted_model", int8_dir,
-                   "--output_dir", workdir / "output-bundled-fused", cwd=workdir)
+                   "--output_dir", workdir / "output-bundled-timed", cwd=workdir)
     tok = models.load_tokenizer(fp32_dir)
     encoded = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, 30), 256)
     prompts = [ids[:-n][-200:] for ids, n in encoded]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import FLAG_SETS, run_script, saved_model_cli_run
+from conftest import FLAG_SETS, TIMED, run_script, saved_model_cli_run
 from gptj_int8 import benchmark, data, models, savedmodel
 from gptj_int8.graph import GraphIndex
 
@@ -182,12 +182,12 @@ def bundled_fp32(workdir):
     return workdir / "gptj-kjv"
 
 
-@pytest.mark.parametrize("flags", list(FLAG_SETS))
+@pytest.mark.parametrize("flags", ["timed", "itex"])   # the main command's conversion, and the QDQ form
 def test_bundled_model_int8_keeps_accuracy_and_agrees_with_fp32(bundled_fp32, workdir, flags):
     int8_dir = workdir / f"converted_gptj-kjv-{flags}"
     if not (int8_dir / "saved_model.pb").exists():       # test_generation may have made it
         run_script("quantize.py", "--input_model", bundled_fp32, "--converted_model", int8_dir,
-                   "--output_dir", workdir / f"output-bundled-{flags}", *FLAG_SETS[flags], cwd=workdir)
+                   "--output_dir", workdir / f"output-bundled-{flags}", *{**FLAG_SETS, **TIMED}[flags], cwd=workdir)
     tok = models.load_tokenizer(bundled_fp32)
     encoded = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, 300), 256)
     batches = data.batches(encoded, 8, tok.pad_token_id)

@@ -67,7 +67,7 @@ def test_benchmark_accuracy_is_the_same_on_reruns(tmp_path, tiny_fp32, converted
     for run in ("a", "b"):
         run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", model,
                    "--output_dir", tmp_path / run, "--num_samples", "30", "--batch_size", "4",
-                   "--warmup", "0", "--iterations", "1", cwd=tmp_path)
+                   "--warmup", "0", "--iterations", "1", "--gen_samples", "0", cwd=tmp_path)
         results.append(json.loads((tmp_path / run / "results.json").read_text()))
     a, b = results
     for key in ("agreement", "logit_cosine", "kl_divergence", "accuracy_diff_pvalue"):
