@@ -117,26 +117,31 @@ def converted(name, fresh=False):
     return out
 
 
-# Python run by int8_kernels, with MODEL the SavedModel and BATCH a timing batch.
+# Python run by int8_executions, with MODEL the SavedModel and BATCH a timing batch.
 SERVING_CALL = "f = m.signatures['serving_default']; f(input_ids=tf.constant(BATCH[0]), attention_mask=tf.constant(BATCH[1]))"
 DECODE_CALL = ("from gptj_int8 import generation; ids = BATCH[0][:, :32]\n"
                "for _ in generation.stream(m.signatures['prefill'], m.signatures['decode'], ids, np.ones_like(ids), 3): pass")
 
 
-def int8_kernels(model_dir, call):
-    """The int8 matmuls oneDNN reports while `call` runs on the model: {(implementation, shape): count}."""
+def int8_executions(model_dir, call):
+    """The int8 matmuls oneDNN reports while `call` runs on the model: [(implementation, shape, ms)]."""
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
             "import gptj_int8, common, numpy as np, tensorflow as tf\n"
             f"m = tf.saved_model.load({str(model_dir)!r}); BATCH = common.timing_batch({str(model_dir)!r})\n"
             + call)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(REPO)}).stdout
-    kernels = collections.Counter()
+    found = []
     for line in out.splitlines():
         if line.startswith("onednn_verbose") and ",exec," in line and "src:u8" in line and "wei:s8" in line:
             fields = line.split(",")
-            kernels[(fields[6], fields[-2])] += 1
-    return kernels
+            found.append((fields[6], fields[-2], float(fields[-1])))
+    return found
+
+
+def int8_kernels(model_dir, call):
+    """{(implementation, shape): count} of int8_executions."""
+    return collections.Counter((impl, shape) for impl, shape, _ in int8_executions(model_dir, call))
 
 
 def count_by_impl(kernels):

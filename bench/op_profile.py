@@ -3,6 +3,9 @@
     python bench/op_profile.py                               # GPT-J-6B width, 1 layer (bench/runs/)
     python bench/op_profile.py --model bundled-gptj-kjv
 
+Then oneDNN's own account of the INT8 model's int8 kernels (ONEDNN_VERBOSE): each shape's calls
+and their fastest, median and slowest time, over --iterations calls of serving_default.
+
 Each model runs in a TensorFlow session with a full trace (RunMetadata step stats), once over a
 prompt of --seq_len tokens (serving_default) and once per next token (decode, after a prefill of
 the same prompt; batch 1); the time of every op is summed by op type, the median over
@@ -88,6 +91,17 @@ def main():
               f"| {sum(int8[name].get(o, (0, 0))[0] for o in rest):.2f} | |")
         print(f"| **all ops** | {sum(v[0] for v in fp32[name].values()):.2f} | "
               f"| {sum(v[0] for v in int8[name].values()):.2f} | |\n")
+
+    call = (f"BATCH = common.timing_batch({str(fp32_dir)!r}, {args.seq_len})\n"
+            f"for _ in range({args.iterations + 2}): {common.SERVING_CALL}")
+    by_shape = {}
+    for impl, shape, ms in common.int8_executions(int8_dir, call):
+        by_shape.setdefault((impl, shape), []).append(ms)
+    print(f"oneDNN int8 kernels, serving_default, {args.iterations + 2} calls (the first two include setup):\n")
+    print("| kernel | shape | calls | fastest ms | median ms | slowest ms |")
+    print("|---|---|---|---|---|---|")
+    for (impl, shape), times in sorted(by_shape.items(), key=lambda kv: -sum(kv[1])):
+        print(f"| {impl} | {shape} | {len(times)} | {min(times):.2f} | {np.median(times):.2f} | {max(times):.2f} |")
 
 
 if __name__ == "__main__":
