@@ -61,11 +61,12 @@ def group_shape(graph, group, rows):
                       tuple(s.bias is not None for s in group))
 
 
-def time_group(shape, per_channel=True, warmup=2, budget_s=0.5, seed=0):
+def time_group(shape, per_channel=True, warmup=2, budget_s=0.5, seed=0, max_values=MAX_TIMED_VALUES):
     """Median ms per call of the group's FP32 MatMuls and of its int8 replacement, called in turn
-    (after `warmup` calls) for about `budget_s` seconds, at least 5 times each."""
+    (after `warmup` calls) for about `budget_s` seconds, at least 5 times each; on fewer columns
+    when the weights hold over `max_values` values (None: never)."""
     rng = np.random.RandomState(seed)
-    scale = min(1.0, MAX_TIMED_VALUES / (shape.depth * sum(shape.widths)))
+    scale = min(1.0, (max_values or np.inf) / (shape.depth * sum(shape.widths)))
     widths = [max(1, int(n * scale)) for n in shape.widths]
     x = rng.randn(shape.rows, shape.depth).astype(np.float32)
     graph = savedmodel.matmul_graph(x, [(rng.randn(shape.depth, n) * 0.02).astype(np.float32) for n in widths],
