@@ -9,6 +9,7 @@ shape are timed once. Whether int8 pays depends on the CPU (AVX2, VNNI, AMX) and
 at one row and small widths the kernel's fixed costs can exceed the FP32 matmul's.
 """
 import dataclasses
+import gc
 import logging
 
 import numpy as np
@@ -79,6 +80,10 @@ def time_group(shape, per_channel=True, warmup=2, budget_s=0.5, seed=0, max_valu
     first = benchmark.time_models(fns, [(dummy, dummy)], warmup, 1, progress=False)
     calls = int(np.clip(budget_s / max(sum(t[0] for t in first), 1e-6), 5, 500))
     fp32, int8_s = benchmark.time_models(fns, [(dummy, dummy)], 0, calls, progress=False)
+    # the two graphs' functions hold their weights in reference cycles: free them now, not at the
+    # end of the conversion, whose peak they would raise
+    del graph, int8, fns
+    gc.collect()
     return Timing(float(np.median(fp32) * 1000), float(np.median(int8_s) * 1000))
 
 
