@@ -135,7 +135,7 @@ class ConvertSavedModel:
             if inputs is None:   # a passage of one token has no decode step
                 continue
             rows = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
-            kept = kernel_choice.choose_fp32_groups(name, graph, found[name], rows, timings, self.per_channel)
+            kept = kernel_choice.choose_fp32_groups(graph, found[name], rows, timings, self.per_channel)
             by_shape = {}
             for group, shape, timing in kept:
                 by_shape.setdefault((shape, timing), []).extend(s.matmul for s in group)

@@ -87,8 +87,8 @@ def time_group(shape, per_channel=True, warmup=2, budget_s=0.5, seed=0, max_valu
     return Timing(float(np.median(fp32) * 1000), float(np.median(int8_s) * 1000))
 
 
-def choose_fp32_groups(name, graph, found, rows, timings, per_channel=True, timer=time_group):
-    """The groups of `found` (sites of signature `name`) to keep in FP32, as [(group, shape, timing)]:
+def choose_fp32_groups(graph, found, rows, timings, per_channel=True, timer=time_group):
+    """The groups of `found` (the sites of one signature's `graph`) to keep in FP32, as [(group, shape, timing)]:
     those whose int8 kernel is slower (beyond TIE_MARGIN). `rows` maps each activation to its row count;
     `timings` ({GroupShape: Timing}) is filled and reused across signatures."""
     kept = []

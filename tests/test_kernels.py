@@ -196,7 +196,7 @@ def test_slow_kernels_stay_fp32_and_each_shape_is_timed_once():
     timings = {}
     for g in (graph, wide, wide):
         found = sites.find_matmul_sites(g)
-        kept = kernel_choice.choose_fp32_groups("serving_default", g, found, {"x": 8}, timings, timer=timer)
+        kept = kernel_choice.choose_fp32_groups(g, found, {"x": 8}, timings, timer=timer)
         assert [s.matmul for group, _, _ in kept for s in group] == (["mm"] if g is wide else [])
     assert [(s.rows, s.depth, s.widths, s.biases) for s in timed] == [(8, 64, (32, 48), (False, False)),
                                                                       (8, 64, (512,), (True,))]
