@@ -127,7 +127,7 @@ class ConvertSavedModel:
         """`found` without the groups of MatMuls whose int8 kernel is slower than they are, timed
         on this CPU at the rows each signature gives them for a passage of median length."""
         batch = sorted(self.calibration_batches, key=lambda b: int(b[1].sum()))[len(self.calibration_batches) // 2]
-        timings = {}
+        timings, int8_weights = {}, set()
         for name, graph in graphs.items():
             if not found[name]:
                 continue
@@ -135,7 +135,7 @@ class ConvertSavedModel:
             if inputs is None:   # a passage of one token has no decode step
                 continue
             rows = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
-            kept = kernel_choice.choose_fp32_groups(graph, found[name], rows, timings, self.per_channel)
+            kept = kernel_choice.choose_fp32_groups(graph, found[name], rows, timings, int8_weights, self.per_channel)
             by_shape = {}
             for group, shape, timing in kept:
                 by_shape.setdefault((shape, timing), []).extend(s.matmul for s in group)
@@ -145,6 +145,7 @@ class ConvertSavedModel:
                          ", ".join(names[:3]), f" and {len(names) - 3} more" if len(names) > 3 else "")
             self.kept_for_speed[name] = [n for names in by_shape.values() for n in names]
             found[name] = [s for s in found[name] if s.matmul not in set(self.kept_for_speed[name])]
+            int8_weights |= {sites.weight_key(graph, s) for s in found[name]}
         return found
 
     def _calibrate(self, graphs, found, pairs, functions):

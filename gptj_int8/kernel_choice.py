@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 # int8 is kept unless it is slower than FP32 by more than this share: ties within the timing's
 # noise go to int8, which is a quarter of the size (an FP32 MatMul keeps its FP32 weight).
 TIE_MARGIN = 0.05
+# ... and by more than this share where another signature already reads the weight in int8: FP32
+# there would store a second copy of it, four times the size of the first.
+COPY_MARGIN = 0.25
 # A timed weight holds at most this many values (512 MB in FP32); wider groups are timed on
 # proportionally fewer columns, still far beyond any CPU's cache, as at full size.
 MAX_TIMED_VALUES = 1 << 27
@@ -43,9 +46,8 @@ class Timing:
     fp32_ms: float
     int8_ms: float
 
-    @property
-    def int8_pays(self):
-        return self.int8_ms <= self.fp32_ms * (1 + TIE_MARGIN)
+    def int8_pays(self, margin=TIE_MARGIN):
+        return self.int8_ms <= self.fp32_ms * (1 + margin)
 
 
 def group_sites(found):
@@ -87,18 +89,20 @@ def time_group(shape, per_channel=True, warmup=2, budget_s=0.5, seed=0, max_valu
     return Timing(float(np.median(fp32) * 1000), float(np.median(int8_s) * 1000))
 
 
-def choose_fp32_groups(graph, found, rows, timings, per_channel=True, timer=time_group):
+def choose_fp32_groups(graph, found, rows, timings, int8_weights=frozenset(), per_channel=True, timer=time_group):
     """The groups of `found` (the sites of one signature's `graph`) to keep in FP32, as [(group, shape, timing)]:
-    those whose int8 kernel is slower (beyond TIE_MARGIN). `rows` maps each activation to its row count;
-    `timings` ({GroupShape: Timing}) is filled and reused across signatures."""
+    those whose int8 kernel is slower by more than TIE_MARGIN, or by more than COPY_MARGIN when
+    one of their weights (sites.weight_key) is in `int8_weights`, read in int8 by another signature.
+    `rows` maps each activation to its row count; `timings` ({GroupShape: Timing}) is filled and
+    reused across signatures."""
     kept = []
     for activation, group in group_sites(found).items():
         shape = group_shape(graph, group, rows[activation])
         if shape not in timings:
             timings[shape] = timer(shape, per_channel)
             t = timings[shape]
-            log.info("timed %s: FP32 %.3f ms, int8 %.3f ms (%.2fx) -> %s", shape, t.fp32_ms, t.int8_ms,
-                     t.fp32_ms / t.int8_ms, "int8" if t.int8_pays else "FP32")
-        if not timings[shape].int8_pays:
+            log.info("timed %s: FP32 %.3f ms, int8 %.3f ms (%.2fx)", shape, t.fp32_ms, t.int8_ms, t.fp32_ms / t.int8_ms)
+        copy = any(sites.weight_key(graph, s) in int8_weights for s in group)
+        if not timings[shape].int8_pays(COPY_MARGIN if copy else TIE_MARGIN):
             kept.append((group, shape, timings[shape]))
     return kept

@@ -179,9 +179,10 @@ def test_smooth_quant_keeps_the_product_and_tames_an_outlier_channel(fuse):
 
 
 def test_slow_kernels_stay_fp32_and_each_shape_is_timed_once():
-    """choose_fp32_groups with a timer that finds int8 slower only for the widest group: that
+    """choose_fp32_groups with a timer that finds int8 10% slower for the widest group only: that
     group is kept in FP32, the others are not, and a shape seen again (another signature) is not
-    timed again."""
+    timed again; where another signature already reads the weight in int8, 10% is not enough to
+    store an FP32 copy beside it."""
     from gptj_int8 import kernel_choice
     rng = np.random.RandomState(6)
     x = rng.randn(8, 64).astype(np.float32)
@@ -191,7 +192,7 @@ def test_slow_kernels_stay_fp32_and_each_shape_is_timed_once():
 
     def timer(shape, per_channel):
         timed.append(shape)
-        return kernel_choice.Timing(1.0, 2.0 if sum(shape.widths) > 100 else 0.5)
+        return kernel_choice.Timing(1.0, 1.1 if sum(shape.widths) > 100 else 0.5)
 
     timings = {}
     for g in (graph, wide, wide):
@@ -200,6 +201,9 @@ def test_slow_kernels_stay_fp32_and_each_shape_is_timed_once():
         assert [s.matmul for group, _, _ in kept for s in group] == (["mm"] if g is wide else [])
     assert [(s.rows, s.depth, s.widths, s.biases) for s in timed] == [(8, 64, (32, 48), (False, False)),
                                                                       (8, 64, (512,), (True,))]
+    found = sites.find_matmul_sites(wide)
+    int8_elsewhere = {sites.weight_key(wide, found[0])}
+    assert kernel_choice.choose_fp32_groups(wide, found, {"x": 8}, timings, int8_elsewhere, timer=timer) == []
 
 
 def test_group_timing_runs_both_forms_at_the_shape():
