@@ -64,7 +64,7 @@ def group_shape(graph, group, rows):
                       tuple(s.bias is not None for s in group))
 
 
-def time_group(shape, per_channel=True, warmup=2, budget_s=0.5, seed=0, max_values=MAX_TIMED_VALUES):
+def time_group(shape, per_channel=True, warmup=2, budget_s=0.25, seed=0, max_values=MAX_TIMED_VALUES):
     """Median ms per call of the group's FP32 MatMuls and of its int8 replacement, called in turn
     (after `warmup` calls) for about `budget_s` seconds, at least 5 times each; on fewer columns
     when the weights hold over `max_values` values (None: never)."""
