@@ -144,7 +144,8 @@ class ConvertSavedModel:
                          "int8 %.3f ms): %s%s", name, len(names), shape, timing.fp32_ms, timing.int8_ms,
                          ", ".join(names[:3]), f" and {len(names) - 3} more" if len(names) > 3 else "")
             self.kept_for_speed[name] = [n for names in by_shape.values() for n in names]
-            found[name] = [s for s in found[name] if s.matmul not in set(self.kept_for_speed[name])]
+            kept_names = set(self.kept_for_speed[name])
+            found[name] = [s for s in found[name] if s.matmul not in kept_names]
             int8_weights |= {sites.weight_key(graph, s) for s in found[name]}
         return found
 

@@ -28,7 +28,6 @@ def script(name, *args, extra_env=None, **popen):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
-
 def script_peak(name, *args):
     """(peak RSS in GB, seconds) of one run of one of the project's scripts."""
     start = time.perf_counter()

@@ -8,6 +8,16 @@ from .graph import Rewriter, make_const, make_node, node_name
 from .weights import compensated_int32_bias, u8_activation_range
 
 
+def kernel_groups(graph, sites):
+    """{activation: [sites]}: the MatMuls that become one kernel, those reading one tensor, each
+    group in the order of its variables' names, so every signature asks the store for the same
+    side-by-side weight."""
+    groups = {}
+    for site in sorted(sites, key=lambda s: graph.feeds[s.weight].name):
+        groups.setdefault(site.activation, []).append(site)
+    return groups
+
+
 def fuse_int8_matmuls(graph, sites, ranges, store):
     """The MatMuls (+ BiasAdds) that read one activation become one `_QuantizedMatMul`
     u8 x s8 -> float, on their weights side by side (from `store`, a weights.Int8Weights), split
@@ -18,12 +28,7 @@ def fuse_int8_matmuls(graph, sites, ranges, store):
     weight scale (min_b/max_b as vectors: oneDNN's per-output-channel scales), so nothing follows
     it but the split."""
     rw = Rewriter(graph)
-    groups = {}
-    # each group in the order of its variables' names, so every signature asks the store for the
-    # same side-by-side weight
-    for site in sorted(sites, key=lambda s: graph.feeds[s.weight].name):
-        groups.setdefault(site.activation, []).append(site)
-    for activation, group in groups.items():
+    for activation, group in kernel_groups(graph, sites).items():
         lo, hi = u8_activation_range(*ranges[activation])
         weight, absmax, column_sums = store.matmul(rw.graph, group)
         widths = [int(rw.graph.feeds[s.weight].shape[1]) for s in group]

@@ -50,14 +50,6 @@ class Timing:
         return self.int8_ms <= self.fp32_ms * (1 + margin)
 
 
-def group_sites(found):
-    """{activation: [sites]}, the groups `fuse_int8_matmuls` merges into one kernel."""
-    groups = {}
-    for site in found:
-        groups.setdefault(site.activation, []).append(site)
-    return groups
-
-
 def group_shape(graph, group, rows):
     return GroupShape(rows, int(graph.feeds[group[0].weight].shape[0]),
                       tuple(int(graph.feeds[s.weight].shape[1]) for s in group),
@@ -96,7 +88,7 @@ def choose_fp32_groups(graph, found, rows, timings, int8_weights=frozenset(), pe
     `rows` maps each activation to its row count; `timings` ({GroupShape: Timing}) is filled and
     reused across signatures."""
     kept = []
-    for activation, group in group_sites(found).items():
+    for activation, group in int8_matmul.kernel_groups(graph, found).items():
         shape = group_shape(graph, group, rows[activation])
         if shape not in timings:
             timings[shape] = timer(shape, per_channel)

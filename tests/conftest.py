@@ -15,7 +15,7 @@ TINY_CONFIG = "vocab_size=4096,n_layer=2,n_embd=64,n_head=4,rotary_dim=8,n_inner
 # which kernels pay on the CPU that runs the tests; "timed" is the default, performance-aware path.
 FLAG_SETS = {"fused": ["--force_int8"], "itex": ["--itex_mode"], "fused+perf": ["--performance_only", "--force_int8"],
              "itex+perf": ["--itex_mode", "--performance_only"]}
-TIMED = {"timed": []}
+CONVERSIONS = {**FLAG_SETS, "timed": []}
 
 
 def run_script(script, *args, cwd, check=True):
@@ -60,7 +60,7 @@ def convert_tiny(name, workdir, tiny_fp32):
         out_dir = workdir / f"output-{name}"
         model = workdir / f"converted-{name}"
         run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", model,
-                   "--output_dir", out_dir, "--calib_samples", "16", *{**FLAG_SETS, **TIMED}[name], cwd=workdir)
+                   "--output_dir", out_dir, "--calib_samples", "16", *CONVERSIONS[name], cwd=workdir)
         _converted[name] = (name, model, out_dir)
     return _converted[name]
 
@@ -73,7 +73,7 @@ def converted(request, workdir, tiny_fp32):
 
 @pytest.fixture(scope="session")
 def converted_fused(workdir, tiny_fp32):
-    """The tiny model converted with the default flags."""
+    """The tiny model converted with int8 kernels everywhere (--force_int8)."""
     return convert_tiny("fused", workdir, tiny_fp32)
 
 
