@@ -17,6 +17,11 @@ Edit the flags in __init__ to change the defaults (quantize.py's flags override 
     self.force_int8 = False        # True: an int8 kernel for every MatMul. False: each kernel is
                                    # timed against its FP32 MatMuls at the model's shapes on this
                                    # CPU, and MatMuls stay FP32 where int8 is slower.
+    self.int8_kernel = "auto"      # "matmul": oneDNN's int8 inner product (_QuantizedMatMul);
+                                   # "conv": its 1x1 convolution (_FusedQuantizedConv2D), at one
+                                   # row several times faster on AVX2; "auto": the faster of the
+                                   # two for each kernel as timed on this CPU, or "conv" with
+                                   # force_int8 (the same graph on every run and CPU).
 """
 import logging
 from pathlib import Path
@@ -36,7 +41,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 class ConvertSavedModel:
     def __init__(self, src, dst, calibration_batches, output_dir="./output",
                  itex_mode=None, performance_only=None, per_channel=None, smooth_quant=None, sq_alpha=None,
-                 max_accuracy_drop=None, holdout_batches=(), force_int8=None):
+                 max_accuracy_drop=None, holdout_batches=(), force_int8=None, int8_kernel=None):
         self.itex_mode = False
         self.performance_only = False
         self.per_channel = True
@@ -44,11 +49,12 @@ class ConvertSavedModel:
         self.sq_alpha = 0.5
         self.max_accuracy_drop = None
         self.force_int8 = False
+        self.int8_kernel = "auto"
         # flags given by the caller (quantize.py's command line) override the defaults above
         for name, value in (("itex_mode", itex_mode), ("performance_only", performance_only),
                             ("per_channel", per_channel), ("smooth_quant", smooth_quant),
                             ("sq_alpha", sq_alpha), ("max_accuracy_drop", max_accuracy_drop),
-                            ("force_int8", force_int8)):
+                            ("force_int8", force_int8), ("int8_kernel", int8_kernel)):
             if value is not None:
                 setattr(self, name, value)
         self.src = Path(src)
@@ -58,6 +64,9 @@ class ConvertSavedModel:
         self.holdout_batches = list(holdout_batches)
         self.kept_in_fp32 = []      # MatMuls the accuracy-aware fallback kept in FP32
         self.kept_for_speed = {}    # signature -> MatMuls kept in FP32 because int8 was slower
+        self.kernel_forms = {}      # signature -> {int8 form: number of kernels}
+        if self.int8_kernel not in ("auto", *int8_matmul.FORMS):
+            raise UserError(f"int8_kernel must be auto, {' or '.join(int8_matmul.FORMS)}, not {self.int8_kernel!r}")
         if not calibration_batches:
             raise UserError("calibration needs at least one passage")
         if self.dst.resolve() == self.src.resolve() or self.src.resolve() in self.dst.resolve().parents:
@@ -101,15 +110,23 @@ class ConvertSavedModel:
             found = {name: [s for s in found[name] if sites.weight_key(graphs[name], s) not in kept] for name in graphs}
 
         fused = form is int8_matmul.fuse_int8_matmuls
+        forms = int8_matmul.DEFAULT_FORM if self.int8_kernel == "auto" else self.int8_kernel
+        forms = {name: forms for name in graphs}
         if fused and not self.force_int8:
-            found = self._keep_slow_kernels_fp32(graphs, found, functions)
+            found, forms = self._choose_kernels(graphs, found, functions)
 
         store = weights.Int8Weights(self.per_channel)    # one int8 copy of each weight for all signatures
         for name, graph in graphs.items():
-            kernels = len({s.activation for s in found[name]}) if fused else len(found[name])
-            log.info("%s: %d MatMuls -> %d int8 %s", name, len(found[name]), kernels,
-                     "kernels" if fused else "QDQ MatMuls")
-            graph = form(graph, found[name], ranges[name], store)
+            if fused:
+                activations = {s.activation for s in found[name]}
+                chosen = [forms[name] if isinstance(forms[name], str) else forms[name][a] for a in activations]
+                self.kernel_forms[name] = {f: chosen.count(f) for f in int8_matmul.FORMS if f in chosen}
+                log.info("%s: %d MatMuls -> %d int8 kernels (%s)", name, len(found[name]), len(activations),
+                         ", ".join(f"{n} {f}" for f, n in self.kernel_forms[name].items()) or "none")
+                graph = form(graph, found[name], ranges[name], store, forms[name])
+            else:
+                log.info("%s: %d MatMuls -> %d int8 QDQ MatMuls", name, len(found[name]), len(found[name]))
+                graph = form(graph, found[name], ranges[name], store)
             graph = weights.quantize_embeddings(graph, sites.find_embeddings(graph), store)
             graphs[name] = savedmodel.prune(graph)
             dump = "converted_graph_def.pb" if name == SERVING else f"converted_{name}_graph_def.pb"
@@ -123,31 +140,37 @@ class ConvertSavedModel:
                  savedmodel.saved_model_size(self.src) / 1e6)
         return out
 
-    def _keep_slow_kernels_fp32(self, graphs, found, functions):
-        """`found` without the groups of MatMuls whose int8 kernel is slower than they are, timed
-        on this CPU at the rows each signature gives them for a passage of median length."""
+    def _choose_kernels(self, graphs, found, functions):
+        """(`found` without the groups of MatMuls that are faster in FP32, {signature: {activation:
+        int8 form}}), timed on this CPU at the rows each signature gives them for a passage of
+        median length."""
         batch = sorted(self.calibration_batches, key=lambda b: int(b[1].sum()))[len(self.calibration_batches) // 2]
-        timings, int8_weights = {}, set()
+        timings, int8_weights, forms = {}, set(), {}
+        allowed = int8_matmul.FORMS if self.int8_kernel == "auto" else (self.int8_kernel,)
         for name, graph in graphs.items():
+            forms[name] = {}
             if not found[name]:
                 continue
             inputs = next(calibration.decode_batches(functions[PREFILL], [batch]), None) if name == DECODE else batch
             if inputs is None:   # a passage of one token has no decode step
                 continue
             rows = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
-            kept = kernel_choice.choose_fp32_groups(graph, found[name], rows, timings, int8_weights, self.per_channel)
+            chosen = kernel_choice.choose_kernels(graph, found[name], rows, timings, int8_weights, self.per_channel,
+                                                  allowed)
             by_shape = {}
-            for group, shape, timing in kept:
-                by_shape.setdefault((shape, timing), []).extend(s.matmul for s in group)
+            for activation, (choice, group, shape, timing) in chosen.items():
+                forms[name][activation] = choice
+                if choice == kernel_choice.FP32:
+                    by_shape.setdefault((shape, timing), []).extend(s.matmul for s in group)
             for (shape, timing), names in by_shape.items():
-                log.info("%s: FP32 kept for %d MatMuls of %s, where int8 is slower on this CPU (FP32 %.3f ms, "
-                         "int8 %.3f ms): %s%s", name, len(names), shape, timing.fp32_ms, timing.int8_ms,
-                         ", ".join(names[:3]), f" and {len(names) - 3} more" if len(names) > 3 else "")
+                log.info("%s: FP32 kept for %d MatMuls of %s, where int8 is slower on this CPU (%s): %s%s",
+                         name, len(names), shape, timing, ", ".join(names[:3]),
+                         f" and {len(names) - 3} more" if len(names) > 3 else "")
             self.kept_for_speed[name] = [n for names in by_shape.values() for n in names]
             kept_names = set(self.kept_for_speed[name])
             found[name] = [s for s in found[name] if s.matmul not in kept_names]
             int8_weights |= {sites.weight_key(graph, s) for s in found[name]}
-        return found
+        return found, forms
 
     def _calibrate(self, graphs, found, pairs, functions):
         """{signature: Ranges}. serving_default runs the calibration passages; its MatMul ranges

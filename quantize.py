@@ -45,6 +45,10 @@ def main():
                         "(points) on held-out passages of --dataset is within this bound")
     p.add_argument("--force_int8", action=argparse.BooleanOptionalAction, default=None,
                    help="an int8 kernel for every MatMul, even where timing on this CPU finds it slower than FP32")
+    p.add_argument("--int8_kernel", choices=["auto", "matmul", "conv"], default=None,
+                   help="the int8 kernel: oneDNN's inner product (matmul), its 1x1 convolution (conv), or the "
+                        "faster of the two for each kernel as timed on this CPU (auto, the default; conv with "
+                        "--force_int8)")
     p.add_argument("--holdout_samples", type=cli.positive_int, default=200,
                    help="passages after the calibration ones, for --max_accuracy_drop")
     p.add_argument("--engine", choices=["ours", "inc"], default="ours",
@@ -67,7 +71,8 @@ def main():
     if args.engine == "inc":
         from gptj_int8 import inc
         inc.check_installed()
-        inc.check_supported_flags(args.itex_mode, args.performance_only, args.max_accuracy_drop, args.per_channel)
+        inc.check_supported_flags(args.itex_mode, args.performance_only, args.max_accuracy_drop, args.per_channel,
+                                  args.int8_kernel)
         inc.check_fits(input_model, args.max_memory_gb)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +101,7 @@ def main():
                                   per_channel=args.per_channel, smooth_quant=args.smooth_quant,
                                   sq_alpha=args.sq_alpha, max_accuracy_drop=args.max_accuracy_drop,
                                   holdout_batches=data.batches(holdout, 8, tokenizer.pad_token_id),
-                                  force_int8=args.force_int8)
+                                  force_int8=args.force_int8, int8_kernel=args.int8_kernel)
     converter()
 
 

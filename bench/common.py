@@ -151,8 +151,9 @@ def count_by_impl(kernels):
 
 
 def matmul_times(shapes, m, per_channel=True):
-    """Median ms of m x K @ K x N for each (K, N) of `shapes`: TensorFlow's FP32 MatMul and the
-    converter's int8 kernel, timed in turn as the converter times them. {(K, N): (fp32, int8)}."""
+    """Median ms of m x K @ K x N for each (K, N) of `shapes`: TensorFlow's FP32 MatMul and each
+    form of the converter's int8 kernel, timed in turn as the converter times them.
+    {(K, N): (fp32, {form: int8})}."""
     from gptj_int8 import kernel_choice
     times = {}
     for k, n in shapes:
@@ -160,3 +161,19 @@ def matmul_times(shapes, m, per_channel=True):
                                       max_values=None)
         times[(k, n)] = (t.fp32_ms, t.int8_ms)
     return times
+
+
+def print_matmul_rows(times, fp32_matmuls, int8_matmuls, prefix=""):
+    """Markdown rows of matmul_times, then the sums of one layer + lm_head and of one layer, each
+    MatMul (K, N, count) of `fp32_matmuls` against each kernel of `int8_matmuls` in its faster form."""
+    for (k, n), (a, forms) in times.items():
+        best = min(forms.values())
+        print(f"| K={k} N={n} | {prefix}{a:.2f} | " + " | ".join(f"{forms[f]:.2f}" for f in sorted(forms))
+              + f" | {a / best:.2f}x |")
+    fp32 = [times[(k, n)][0] * c for k, n, c in fp32_matmuls]
+    int8 = {f: [times[(k, n)][1][f] * c for k, n, c in int8_matmuls] for f in times[next(iter(times))][1]}
+    best = [min(times[(k, n)][1].values()) * c for k, n, c in int8_matmuls]
+    for label, cut in (("one layer + lm_head, as each model runs them", None), ("one layer without the lm_head", -1)):
+        a, b = sum(fp32[:cut]), sum(best[:cut])
+        print(f"| {label} | {prefix}{a:.2f} | " + " | ".join(f"{sum(int8[f][:cut]):.2f}" for f in sorted(int8))
+              + f" | {a / b:.2f}x |")

@@ -4,9 +4,10 @@
     python bench/generation.py --fresh    # convert them again, after a change to the converter
 
 Prompts of 32 tokens, 32 greedy new tokens, batch 1 and batch 8, through the models' prefill and
-decode signatures (a host loop, as generate.py and TF Serving clients run them); FP32 and INT8 in
-turn prompt by prompt, after one warm-up prompt each. First-token ms is the prefill, next-token ms
-the median decode step. Peak RSS comes from a process of its own per model (load, then one batch-8
+decode signatures (a host loop, as generate.py runs them); FP32 and INT8 in turn prompt by
+prompt, after one warm-up prompt each. First-token ms is the prefill, next-token ms the median
+decode step. Then the same prompts through the `generate` signature (the loop inside the graph,
+what a TF Serving client calls): its ms per new token, (time for 32 tokens - time for 1) / 31. Peak RSS comes from a process of its own per model (load, then one batch-8
 generation). ONEDNN_VERBOSE, in another process, shows which int8 kernels run in decode (M = batch).
 
 Then: the bare matmuls of one GPT-J-6B-width layer and the lm_head at M=1 and M=8 (what decode
@@ -28,6 +29,28 @@ from common import GPTJ_6B_LAYERS
 MODELS = [("gptj-6b-width-1l", 1), ("gptj-6b-width-2l", 2), ("gptj-6b-width-3l", 3), ("bundled-gptj-kjv", None)]
 FP32_MATMULS = [(4096, 4096, 4), (4096, 16384, 1), (16384, 4096, 1), (4096, 50400, 1)]
 INT8_MATMULS = [(4096, 28672, 1), (4096, 4096, 1), (16384, 4096, 1), (4096, 50400, 1)]
+
+
+def generate_token_ms(generates, batches, new_tokens, eos_token_id):
+    """Per model of `generates` (its `generate` signature: the loop inside the graph, as a TF
+    Serving client calls it), the median ms per new token: a call for `new_tokens` minus a call
+    for one, per batch of `batches` after the first, models in turn batch by batch. A batch whose
+    every row produced EOS (the loop may have stopped early) is not counted."""
+    import tensorflow as tf
+    per_token = [[] for _ in generates]
+    for b, ids in enumerate(batches):
+        feed = dict(input_ids=tf.constant(ids), attention_mask=tf.constant(np.ones_like(ids)))
+        for generate, out in zip(generates, per_token):
+            times = []
+            for n in (new_tokens, 1):
+                start = time.perf_counter()
+                sequences = generate(**feed, max_new_tokens=tf.constant(n))["sequences"].numpy()
+                times.append(time.perf_counter() - start)
+                if n == new_tokens:
+                    stopped = (sequences[:, ids.shape[1]:] == eos_token_id).any(axis=1).all()
+            if b and not stopped:
+                out.append((times[0] - times[1]) / (new_tokens - 1))
+    return [common.median_ms(t) if t else float("nan") for t in per_token]
 
 
 def time_generation(steps, batches, new_tokens):
@@ -96,6 +119,7 @@ def main():
     p.add_argument("--rss_only", action="store_true", help="only the peak RSS of each model's generation process")
     args = p.parse_args()
     import tensorflow as tf
+    from gptj_int8 import models
 
     if args.rss_only:
         print(f"\n| model | FP32 peak RSS GB | INT8 peak RSS GB |   (batch {max(args.batches)}, "
@@ -113,11 +137,14 @@ def main():
         int8_dir = common.converted(name, args.fresh)
         loaded = [tf.saved_model.load(str(d)) for d in (fp32_dir, int8_dir)]
         steps = [(m.signatures["prefill"], m.signatures["decode"]) for m in loaded]
+        eos_token_id, _ = models.generation_settings(fp32_dir)
         for batch in args.batches:
             prompts = common.token_windows(fp32_dir, batch * (args.prompts + 1), 32)
             batches = [np.array(prompts[i * batch:(i + 1) * batch], np.int32) for i in range(args.prompts + 1)]
             (f_first, f_next), (i_first, i_next) = time_generation(steps, batches, args.new_tokens)
-            rows.append([name, n_layer, batch, f_first, i_first, f_next, i_next])
+            f_gen, i_gen = generate_token_ms([m.signatures["generate"] for m in loaded], batches, args.new_tokens,
+                                             eos_token_id)
+            rows.append([name, n_layer, batch, f_first, i_first, f_next, i_next, f_gen, i_gen])
         del loaded, steps
         for row in rows[-len(args.batches):]:
             row += [peak_rss_gb(fp32_dir, max(args.batches), args.new_tokens),
@@ -126,11 +153,14 @@ def main():
 
     print(f"\nPrompt 32 tokens, {args.new_tokens} greedy new tokens; medians of {args.prompts} prompts (batches).\n")
     print("| model | batch | FP32 first token ms | INT8 first token ms | first-token speed-up "
-          "| FP32 next token ms | INT8 next token ms | next-token speed-up | FP32 peak RSS GB | INT8 peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, _, batch, f_first, i_first, f_next, i_next, f_rss, i_rss in rows:
+          "| FP32 next token ms | INT8 next token ms | next-token speed-up "
+          "| FP32 `generate` ms/token | INT8 `generate` ms/token | `generate` speed-up "
+          "| FP32 peak RSS GB | INT8 peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, _, batch, f_first, i_first, f_next, i_next, f_gen, i_gen, f_rss, i_rss in rows:
         print(f"| {name} | {batch} | {f_first:.1f} | {i_first:.1f} | {f_first / i_first:.2f}x | {f_next:.2f} "
-              f"| {i_next:.2f} | {f_next / i_next:.2f}x | {f_rss:.2f} | {i_rss:.2f} |")
+              f"| {i_next:.2f} | {f_next / i_next:.2f}x | {f_gen:.2f} | {i_gen:.2f} | {f_gen / i_gen:.2f}x "
+              f"| {f_rss:.2f} | {i_rss:.2f} |")
     print(f"\n(peak RSS: one process per model, batch {max(args.batches)})")
     for batch in args.batches:
         wide = [r for r in rows if r[1] is not None and r[2] == batch]
@@ -148,16 +178,11 @@ def main():
         print(f"- {name}: " + (", ".join(f"{impl} {shape} x{n}" for (impl, shape), n in sorted(decode.items()))
                                or "none"))
 
-    print("\n| bare matmul, M x K @ K x N | M | FP32 ms | INT8 ms | INT8/FP32 speed |")
-    print("|---|---|---|---|---|")
+    print("\n| bare matmul, M x K @ K x N | M | FP32 ms | int8 matmul ms | int8 conv ms | INT8/FP32 speed (faster form) |")
+    print("|---|---|---|---|---|---|")
     shapes = sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS})
     for m in (1, 8):
-        times = common.matmul_times(shapes, m)
-        for (k, n), (a, b) in times.items():
-            print(f"| K={k} N={n} | {m} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
-        fp32 = sum(times[(k, n)][0] * c for k, n, c in FP32_MATMULS)
-        int8 = sum(times[(k, n)][1] * c for k, n, c in INT8_MATMULS)
-        print(f"| one layer + lm_head, as each model runs them | {m} | {fp32:.2f} | {int8:.2f} | {fp32 / int8:.2f}x |")
+        common.print_matmul_rows(common.matmul_times(shapes, m), FP32_MATMULS, INT8_MATMULS, f"{m} | ")
 
     fp32_dir, int8_dir = common.prepare("bundled-gptj-kjv"), common.converted("bundled-gptj-kjv")
     loaded = [tf.saved_model.load(str(d)) for d in (fp32_dir, int8_dir)]

@@ -65,17 +65,9 @@ def main():
           f"{fp32 / int8:.2f}x.")
 
     times = common.matmul_times(sorted({(k, n) for k, n, _ in FP32_MATMULS + INT8_MATMULS}), 128)
-    print("\n| bare matmul, 128 x K @ K x N | FP32 ms | INT8 ms | INT8/FP32 speed |")
-    print("|---|---|---|---|")
-    for (k, n), (a, b) in times.items():
-        print(f"| K={k} N={n} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-    fp32 = sum(times[(k, n)][0] * c for k, n, c in FP32_MATMULS)
-    int8 = sum(times[(k, n)][1] * c for k, n, c in INT8_MATMULS)
-    print(f"| one layer + lm_head, as each model runs them | {fp32:.1f} | {int8:.1f} | {fp32 / int8:.2f}x |")
-    fp32 -= times[FP32_MATMULS[-1][:2]][0]
-    int8 -= times[INT8_MATMULS[-1][:2]][1]
-    print(f"| one layer without the lm_head | {fp32:.1f} | {int8:.1f} | {fp32 / int8:.2f}x |")
-
+    print("\n| bare matmul, 128 x K @ K x N | FP32 ms | int8 matmul ms | int8 conv ms | INT8/FP32 speed (faster form) |")
+    print("|---|---|---|---|---|")
+    common.print_matmul_rows(times, FP32_MATMULS, INT8_MATMULS)
 
 if __name__ == "__main__":
     main()

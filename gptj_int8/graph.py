@@ -33,6 +33,8 @@ def _attr(value):
     if isinstance(value, list) and all(isinstance(v, tf.dtypes.DType) for v in value):
         return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(
             type=[v.as_datatype_enum for v in value]))
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(i=value))
     if isinstance(value, list):
         return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(
             s=[v.encode() for v in value]))

@@ -42,8 +42,11 @@ def check_installed():
         raise UserError(f"--engine inc needs neural-compressor 3.10 (pip install -r requirements.txt): {e}")
 
 
-def check_supported_flags(itex_mode, performance_only, max_accuracy_drop, per_channel=None):
+def check_supported_flags(itex_mode, performance_only, max_accuracy_drop, per_channel=None, int8_kernel=None):
     """Refuse the flags INC 3.10's TensorFlow API cannot honour, one line each."""
+    if int8_kernel is not None:
+        raise UserError("--int8_kernel chooses the default engine's int8 kernels; INC 3.10 writes its own "
+                        "(QuantizedMatMulWithBiasAndDequantize): drop --engine inc, or the flag")
     if per_channel:
         raise UserError("--per_channel with --engine inc: INC 3.10 quantizes GPT-J's MatMul weights per tensor "
                         "even when StaticQuantConfig asks for per_channel (the converted graph is byte for byte "

@@ -1,12 +1,14 @@
 """Performance-aware conversion: the MatMuls that read one activation become an int8 kernel only
-where, timed on the CPU that converts, the kernel is faster than they are in FP32.
+where, timed on the CPU that converts, the kernel is faster than they are in FP32, and in the
+form (int8_matmul.FORMS: oneDNN's inner product or its 1x1 convolution) that is fastest there.
 
 A group (the MatMuls `fuse_int8_matmuls` would merge) is timed at its shapes and at the rows it
 reads in its signature (a passage's tokens in serving_default and prefill; one row in decode, and
-at the lm_head of prefill): its FP32 MatMuls (+ BiasAdds) on random data against what replaces
-them, QuantizeV2 + the int8 kernel (+ its split), built by the converter itself. Groups of one
-shape are timed once. Whether int8 pays depends on the CPU (AVX2, VNNI, AMX) and on the shape:
-at one row and small widths the kernel's fixed costs can exceed the FP32 matmul's.
+at the lm_head of prefill): its FP32 MatMuls (+ BiasAdds) on random data against each form of
+what replaces them, QuantizeV2 + the int8 kernel (+ its split), built by the converter itself.
+Groups of one shape are timed once. Which pays depends on the CPU (AVX2, VNNI, AMX) and on the
+shape: at one row oneDNN's int8 inner product can be slower than FP32 on AVX2, where the
+convolution streams the weight at memory bandwidth.
 """
 import dataclasses
 import gc
@@ -19,7 +21,9 @@ from . import benchmark, int8_matmul, savedmodel, sites, weights
 log = logging.getLogger(__name__)
 
 # int8 is kept unless it is slower than FP32 by more than this share: ties within the timing's
-# noise go to int8, which is a quarter of the size (an FP32 MatMul keeps its FP32 weight).
+# noise go to int8, which is a quarter of the size (an FP32 MatMul keeps its FP32 weight); and
+# between int8 forms, to the simpler graph (the inner product, one op) unless another form is
+# faster by more than it.
 TIE_MARGIN = 0.05
 # ... and by more than this share where another signature already reads the weight in int8: FP32
 # there would store a second copy of it, four times the size of the first.
@@ -41,13 +45,29 @@ class GroupShape:
         return f"{self.rows} x {self.depth} @ {self.depth} x {n}"
 
 
+FP32 = "fp32"
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
     fp32_ms: float
-    int8_ms: float
+    int8_ms: dict      # {form: ms}, a form of int8_matmul.FORMS each
 
-    def int8_pays(self, margin=TIE_MARGIN):
-        return self.int8_ms <= self.fp32_ms * (1 + margin)
+    def fastest_form(self):
+        """The int8 form to use: the first of int8_matmul.FORMS timed (the simplest graph) unless
+        another is faster than it by more than TIE_MARGIN."""
+        forms = [f for f in int8_matmul.FORMS if f in self.int8_ms]
+        best = min(forms, key=self.int8_ms.get)
+        return best if self.int8_ms[best] * (1 + TIE_MARGIN) < self.int8_ms[forms[0]] else forms[0]
+
+    def choice(self, margin=TIE_MARGIN):
+        """FP32 or the int8 form to use: int8 unless its fastest form is slower than FP32 by more
+        than `margin` (ties go to int8, the smaller model)."""
+        form = self.fastest_form()
+        return form if self.int8_ms[form] <= self.fp32_ms * (1 + margin) else FP32
+
+    def __str__(self):
+        return ", ".join([f"FP32 {self.fp32_ms:.3f} ms"] + [f"int8 {f} {ms:.3f} ms" for f, ms in self.int8_ms.items()])
 
 
 def group_shape(graph, group, rows):
@@ -56,10 +76,11 @@ def group_shape(graph, group, rows):
                       tuple(s.bias is not None for s in group))
 
 
-def time_group(shape, per_channel=True, warmup=2, budget_s=0.25, seed=0, max_values=MAX_TIMED_VALUES):
-    """Median ms per call of the group's FP32 MatMuls and of its int8 replacement, called in turn
-    (after `warmup` calls) for about `budget_s` seconds, at least 5 times each; on fewer columns
-    when the weights hold over `max_values` values (None: never)."""
+def time_group(shape, per_channel=True, forms=int8_matmul.FORMS, warmup=2, budget_s=0.25, seed=0,
+               max_values=MAX_TIMED_VALUES):
+    """Median ms per call of the group's FP32 MatMuls and of each int8 form that would replace
+    them, called in turn (after `warmup` calls) for about `budget_s` seconds, at least 5 times
+    each; on fewer columns when the weights hold over `max_values` values (None: never)."""
     rng = np.random.RandomState(seed)
     scale = min(1.0, (max_values or np.inf) / (shape.depth * sum(shape.widths)))
     widths = [max(1, int(n * scale)) for n in shape.widths]
@@ -67,34 +88,35 @@ def time_group(shape, per_channel=True, warmup=2, budget_s=0.25, seed=0, max_val
     graph = savedmodel.matmul_graph(x, [(rng.randn(shape.depth, n) * 0.02).astype(np.float32) for n in widths],
                                     [rng.randn(n).astype(np.float32) * 0.1 if b else None
                                      for n, b in zip(widths, shape.biases)])
-    int8 = int8_matmul.fuse_int8_matmuls(graph.copy(), sites.find_matmul_sites(graph),
-                                         {"x": (float(x.min()), float(x.max()))}, weights.Int8Weights(per_channel))
-    fns = [graph.serving_fn(), int8.serving_fn()]
+    found, store = sites.find_matmul_sites(graph), weights.Int8Weights(per_channel)
+    ranges = {"x": (float(x.min()), float(x.max()))}
+    fns = [graph.serving_fn()] + [int8_matmul.fuse_int8_matmuls(graph.copy(), found, ranges, store, form).serving_fn()
+                                  for form in forms]
     dummy = np.zeros([1, 1], np.int32)
     first = benchmark.time_models(fns, [(dummy, dummy)], warmup, 1, progress=False)
     calls = int(np.clip(budget_s / max(sum(t[0] for t in first), 1e-6), 5, 500))
-    fp32, int8_s = benchmark.time_models(fns, [(dummy, dummy)], 0, calls, progress=False)
-    # the two graphs' functions hold their weights in reference cycles: free them now, not at the
-    # end of the conversion, whose peak they would raise
-    del graph, int8, fns
+    seconds = benchmark.time_models(fns, [(dummy, dummy)], 0, calls, progress=False)
+    # the graphs' functions hold their weights in reference cycles: free them now, not at the end
+    # of the conversion, whose peak they would raise
+    del graph, store, fns
     gc.collect()
-    return Timing(float(np.median(fp32) * 1000), float(np.median(int8_s) * 1000))
+    ms = [float(np.median(s) * 1000) for s in seconds]
+    return Timing(ms[0], dict(zip(forms, ms[1:])))
 
 
-def choose_fp32_groups(graph, found, rows, timings, int8_weights=frozenset(), per_channel=True, timer=time_group):
-    """The groups of `found` (the sites of one signature's `graph`) to keep in FP32, as [(group, shape, timing)]:
-    those whose int8 kernel is slower by more than TIE_MARGIN, or by more than COPY_MARGIN when
-    one of their weights (sites.weight_key) is in `int8_weights`, read in int8 by another signature.
-    `rows` maps each activation to its row count; `timings` ({GroupShape: Timing}) is filled and
-    reused across signatures."""
-    kept = []
+def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_channel=True,
+                   forms=int8_matmul.FORMS, timer=time_group):
+    """{activation: (form, group, shape, timing)} for the groups of `found` (the sites of one
+    signature's `graph`): FP32 or the int8 form of `forms` that Timing.choice picks, with
+    COPY_MARGIN instead of TIE_MARGIN when one of the group's weights (sites.weight_key) is in
+    `int8_weights`, read in int8 by another signature. `rows` maps each activation to its row
+    count; `timings` ({GroupShape: Timing}) is filled and reused across signatures."""
+    chosen = {}
     for activation, group in int8_matmul.kernel_groups(graph, found).items():
         shape = group_shape(graph, group, rows[activation])
         if shape not in timings:
-            timings[shape] = timer(shape, per_channel)
-            t = timings[shape]
-            log.info("timed %s: FP32 %.3f ms, int8 %.3f ms (%.2fx)", shape, t.fp32_ms, t.int8_ms, t.fp32_ms / t.int8_ms)
+            timings[shape] = timer(shape, per_channel, forms)
+            log.info("timed %s: %s -> %s", shape, timings[shape], timings[shape].choice())
         copy = any(sites.weight_key(graph, s) in int8_weights for s in group)
-        if not timings[shape].int8_pays(COPY_MARGIN if copy else TIE_MARGIN):
-            kept.append((group, shape, timings[shape]))
-    return kept
+        chosen[activation] = (timings[shape].choice(COPY_MARGIN if copy else TIE_MARGIN), group, shape, timings[shape])
+    return chosen

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gptj_int8 import calibration, int8_matmul, qdq, savedmodel, sites, smoothquant, weights
+from gptj_int8 import calibration, int8_matmul, kernel_choice, qdq, savedmodel, sites, smoothquant, weights
 from gptj_int8.graph import make_const, make_node, make_resource_placeholder
 
 
@@ -13,10 +13,16 @@ def _run(graph):
     return graph.function()(dummy, dummy)[0].numpy()
 
 
+def _kernel_ops(graph):
+    ops = [n.op for n in graph.graph_def.node]
+    return {form: ops.count(op) for form, op in int8_matmul.KERNEL_OPS.items()}
+
+
+@pytest.mark.parametrize("form", int8_matmul.FORMS)
 @pytest.mark.parametrize("shift", [0.0, 1.5])   # centred activations, and mostly positive ones
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_fused_int8_matmul_matches_float64(shift, with_bias, per_channel):
+def test_fused_int8_matmul_matches_float64(shift, with_bias, per_channel, form):
     rng = np.random.RandomState(0)
     x = (rng.randn(64, 512) + shift).astype(np.float32)
     # truncated-normal weights fill the int8 range: the case where int16 pair sums saturate
@@ -28,11 +34,42 @@ def test_fused_int8_matmul_matches_float64(shift, with_bias, per_channel):
     found = sites.find_matmul_sites(graph)
     assert len(found) == 1 and (found[0].bias_add is not None) == with_bias
     ranges = {"x": (float(x.min()), float(x.max()))}
-    fused = int8_matmul.fuse_int8_matmuls(graph, found, ranges, weights.Int8Weights(per_channel))
-    assert [n.op for n in fused.graph_def.node].count("_QuantizedMatMul") == 1
+    fused = int8_matmul.fuse_int8_matmuls(graph, found, ranges, weights.Int8Weights(per_channel), form)
+    assert _kernel_ops(fused) == {f: int(f == form) for f in int8_matmul.FORMS}
     out = _run(fused)
     rel = np.abs(out - ref).mean() / np.abs(ref).mean()
     assert rel < 0.03, rel
+
+
+@pytest.mark.parametrize("rows", [1, 8, 128])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_conv_form_is_int32_exact_and_equals_the_matmul_form(rows, per_channel):
+    """The 1x1 convolution's int32 output is the int64 product of the quantized activation and
+    the int8 weight plus the compensated bias, exactly; scaled to float it equals the inner
+    product's output within float32 rounding, and both match float64 within int8's error."""
+    rng = np.random.RandomState(rows)
+    x = (rng.randn(rows, 256) + 0.7).astype(np.float32)   # a zero point away from 0
+    w = (rng.randn(256, 192) * 0.05 * np.linspace(0.2, 2.0, 192)).astype(np.float32)
+    bias = (rng.randn(192) * 0.3).astype(np.float32)
+    graph = savedmodel.matmul_graph(x, w, bias)
+    found = sites.find_matmul_sites(graph)
+    ranges = {"x": (float(x.min()) - 0.5, float(x.max()))}
+    store = weights.Int8Weights(per_channel)
+    conv = int8_matmul.fuse_int8_matmuls(graph.copy(), found, ranges, store, int8_matmul.CONV)
+    matmul = int8_matmul.fuse_int8_matmuls(graph.copy(), found, ranges, store, int8_matmul.MATMUL)
+    dummy = tf.zeros([1, 1], tf.int32)
+    name = found[0].matmul
+    q, acc, out_conv = conv.function(["x/quantize_u8", f"{name}/rows_int32", "out"])(dummy, dummy)
+    out_matmul = matmul.function(["out"])(dummy, dummy)[0].numpy()
+    q_w, _, _ = store.matmul(graph, found)
+    bias_int32 = next(n for n in conv.graph_def.node if n.name == f"{name}/bias_int32")
+    expected = (tf.bitcast(q, tf.uint8).numpy().astype(np.int64) @ q_w.numpy().astype(np.int64)
+                + tf.make_ndarray(bias_int32.attr["value"].tensor).astype(np.int64))
+    np.testing.assert_array_equal(acc.numpy(), expected)
+    out_conv = out_conv.numpy()
+    assert np.abs(out_conv - out_matmul).max() <= 1e-5 * np.abs(out_matmul).max()
+    ref = x.astype(np.float64) @ w.astype(np.float64) + bias
+    assert np.abs(out_conv - ref).mean() / np.abs(ref).mean() < 0.03
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -89,7 +126,7 @@ def test_matmuls_reading_one_tensor_share_one_kernel(per_channel, smooth):
         assert found[0].activation == found[1].activation != found[2].activation
     fused = int8_matmul.fuse_int8_matmuls(graph, found, ranges, weights.Int8Weights(per_channel))
     ops = [n.op for n in fused.graph_def.node]
-    assert ops.count("_QuantizedMatMul") == 2 and ops.count("SplitV") == 1 and ops.count("QuantizeV2") == 2
+    assert sum(_kernel_ops(fused).values()) == 2 and ops.count("SplitV") == 1 and ops.count("QuantizeV2") == 2
     assert sum(n.name.endswith("/smooth") for n in fused.graph_def.node) == (2 if smooth else 0)
     assert "MatMul" not in ops
     outs = fused.function(["mm0", "out1", "mm2"])(*map(tf.constant, dummy))
@@ -178,37 +215,41 @@ def test_smooth_quant_keeps_the_product_and_tames_an_outlier_channel(fuse):
     assert errors[0.5] < 0.5 * errors[None], errors
 
 
-def test_slow_kernels_stay_fp32_and_each_shape_is_timed_once():
-    """choose_fp32_groups with a timer that finds int8 10% slower for the widest group only: that
-    group is kept in FP32, the others are not, and a shape seen again (another signature) is not
-    timed again; where another signature already reads the weight in int8, 10% is not enough to
-    store an FP32 copy beside it."""
-    from gptj_int8 import kernel_choice
+def test_slow_kernels_stay_fp32_each_shape_is_timed_once_and_the_faster_form_is_chosen():
+    """choose_kernels with a timer that finds int8 10% slower for the widest group only: that
+    group is kept in FP32, the other takes the form the timer finds fastest (the convolution at
+    one row, the inner product at 8, where the convolution is faster by less than TIE_MARGIN), and
+    a shape seen again (another signature) is not timed again; where another signature already
+    reads the weight in int8, 10% is not enough to store an FP32 copy beside it."""
     rng = np.random.RandomState(6)
-    x = rng.randn(8, 64).astype(np.float32)
-    graph = savedmodel.matmul_graph(x, [(rng.randn(64, n) * 0.1).astype(np.float32) for n in (32, 48)])
-    wide = savedmodel.matmul_graph(x, (rng.randn(64, 512) * 0.1).astype(np.float32), np.zeros(512, np.float32))
     timed = []
 
-    def timer(shape, per_channel):
+    def timer(shape, per_channel, forms):
         timed.append(shape)
-        return kernel_choice.Timing(1.0, 1.1 if sum(shape.widths) > 100 else 0.5)
+        conv = 0.2 if shape.rows == 1 else 0.49
+        return kernel_choice.Timing(1.0, {"matmul": 1.1 if sum(shape.widths) > 100 else 0.5, "conv": conv}
+                                    if sum(shape.widths) <= 100 else {"matmul": 1.1, "conv": 1.2})
 
     timings = {}
-    for g in (graph, wide, wide):
-        found = sites.find_matmul_sites(g)
-        kept = kernel_choice.choose_fp32_groups(g, found, {"x": 8}, timings, timer=timer)
-        assert [s.matmul for group, _, _ in kept for s in group] == (["mm"] if g is wide else [])
-    assert [(s.rows, s.depth, s.widths, s.biases) for s in timed] == [(8, 64, (32, 48), (False, False)),
-                                                                      (8, 64, (512,), (True,))]
+    for rows in (8, 1):
+        x = rng.randn(rows, 64).astype(np.float32)
+        graph = savedmodel.matmul_graph(x, [(rng.randn(64, n) * 0.1).astype(np.float32) for n in (32, 48)])
+        wide = savedmodel.matmul_graph(x, (rng.randn(64, 512) * 0.1).astype(np.float32), np.zeros(512, np.float32))
+        for g in (graph, wide, wide):
+            chosen = kernel_choice.choose_kernels(g, sites.find_matmul_sites(g), {"x": rows}, timings, timer=timer)
+            assert [c[0] for c in chosen.values()] == (["fp32"] if g is wide else ["conv" if rows == 1 else "matmul"])
+    assert [(s.rows, s.depth, s.widths, s.biases) for s in timed] == [
+        (8, 64, (32, 48), (False, False)), (8, 64, (512,), (True,)), (1, 64, (32, 48), (False, False)),
+        (1, 64, (512,), (True,))]
     found = sites.find_matmul_sites(wide)
     int8_elsewhere = {sites.weight_key(wide, found[0])}
-    assert kernel_choice.choose_fp32_groups(wide, found, {"x": 8}, timings, int8_elsewhere, timer=timer) == []
+    chosen = kernel_choice.choose_kernels(wide, found, {"x": 1}, timings, int8_elsewhere, timer=timer)
+    assert [c[0] for c in chosen.values()] == ["matmul"]
 
 
-def test_group_timing_runs_both_forms_at_the_shape():
-    from gptj_int8 import kernel_choice
+def test_group_timing_runs_every_form_at_the_shape():
     shape = kernel_choice.GroupShape(4, 128, (64, 96), (False, True))
     t = kernel_choice.time_group(shape, budget_s=0.05)
-    assert t.fp32_ms > 0 and t.int8_ms > 0
+    assert t.fp32_ms > 0 and sorted(t.int8_ms) == sorted(int8_matmul.FORMS) and min(t.int8_ms.values()) > 0
     assert str(shape) == "4 x 128 @ 128 x 64+96"
+    assert kernel_choice.time_group(shape, forms=("conv",), budget_s=0.05).int8_ms.keys() == {"conv"}
