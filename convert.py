@@ -161,10 +161,10 @@ class ConvertSavedModel:
             for activation, (choice, group, shape, timing) in chosen.items():
                 forms[name][activation] = choice
                 if choice == kernel_choice.FP32:
-                    by_shape.setdefault((shape, timing), []).extend(s.matmul for s in group)
-            for (shape, timing), names in by_shape.items():
+                    by_shape.setdefault(shape, []).extend(s.matmul for s in group)
+            for shape, names in by_shape.items():
                 log.info("%s: FP32 kept for %d MatMuls of %s, where int8 is slower on this CPU (%s): %s%s",
-                         name, len(names), shape, timing, ", ".join(names[:3]),
+                         name, len(names), shape, timings[shape], ", ".join(names[:3]),
                          f" and {len(names) - 3} more" if len(names) > 3 else "")
             self.kept_for_speed[name] = [n for names in by_shape.values() for n in names]
             kept_names = set(self.kept_for_speed[name])

@@ -7,7 +7,7 @@ import collections
 
 from gptj_int8 import cli, savedmodel
 
-SHOWN_FIRST = ("QuantizeV2", "Dequantize", "_QuantizedMatMul", "MatMul", "BatchMatMulV2", "ConcatV2")
+SHOWN_FIRST = ("QuantizeV2", "Dequantize", "_QuantizedMatMul", "_FusedQuantizedConv2D", "MatMul", "BatchMatMulV2", "ConcatV2")
 
 
 def main():
@@ -21,9 +21,9 @@ def main():
     counts = collections.Counter(n.op for n in graph.graph_def.node)
     print(f"wrote {args.output}: {len(graph.graph_def.node)} nodes")
     for op in SHOWN_FIRST:
-        print(f"  {op:<20} {counts.pop(op, 0)}")
+        print(f"  {op:<22} {counts.pop(op, 0)}")
     for op, n in counts.most_common():
-        print(f"  {op:<20} {n}")
+        print(f"  {op:<22} {n}")
 
 
 if __name__ == "__main__":

@@ -10,22 +10,13 @@ measured after one untimed warm-up step.
 """
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gptj_int8 import cli
-
-# Decoding multiplies one row per token. There oneDNN's AMX int8 kernels are slower than its
-# AVX512-VNNI ones (one GPT-J-6B-width layer + lm_head at M=1: 45 ms against 19 ms on a Xeon with
-# AMX), so a generation process on an AMX CPU caps oneDNN's ISA, unless the user set it.
-if "amx_int8" in cli.cpu_flags():
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
-
-from gptj_int8 import generation, models, savedmodel  # noqa: E402  (after the ISA is chosen)
+from gptj_int8 import cli, generation, models, savedmodel
 
 log = logging.getLogger("generate")
 DEFAULT_MODEL = models.default_converted_dir(models.default_export_dir(models.BUNDLED_MODEL))

@@ -69,7 +69,9 @@ def worker(fp32_dir, int8_dir, dump):
               for d in (fp32_dir, int8_dir)]
     loaded, functions = savedmodel.load_signatures(int8_dir)
     graph = savedmodel.extract_serving_graph(loaded, functions["serving_default"])
-    kernels = sorted(n.name for n in graph.graph_def.node if n.op == "_QuantizedMatMul")
+    # each int8 kernel's float output: the inner product's own, the convolution's after its scale
+    kernels = sorted(n.name if n.op == "_QuantizedMatMul" else n.name.rsplit("/", 1)[0] + "/scaled"
+                     for n in graph.graph_def.node if n.op in ("_QuantizedMatMul", "_FusedQuantizedConv2D"))
     outputs = graph.function(fetches=kernels)(*map(tf.constant, batches[0][:2]))
     np.savez(dump, **{k.replace("/", "|"): v.numpy() for k, v in zip(kernels, outputs)})
     print(json.dumps({"agreement": benchmark.argmax_agreement(*logits),

@@ -105,7 +105,7 @@ def time_group(shape, per_channel=True, forms=int8_matmul.FORMS, warmup=2, budge
 
 
 def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_channel=True,
-                   forms=int8_matmul.FORMS, timer=time_group):
+                   forms=int8_matmul.FORMS, timer=None):
     """{activation: (form, group, shape, timing)} for the groups of `found` (the sites of one
     signature's `graph`): FP32 or the int8 form of `forms` that Timing.choice picks, with
     COPY_MARGIN instead of TIE_MARGIN when one of the group's weights (sites.weight_key) is in
@@ -115,7 +115,7 @@ def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_ch
     for activation, group in int8_matmul.kernel_groups(graph, found).items():
         shape = group_shape(graph, group, rows[activation])
         if shape not in timings:
-            timings[shape] = timer(shape, per_channel, forms)
+            timings[shape] = (timer or time_group)(shape, per_channel, forms)
             log.info("timed %s: %s -> %s", shape, timings[shape], timings[shape].choice())
         copy = any(sites.weight_key(graph, s) in int8_weights for s in group)
         chosen[activation] = (timings[shape].choice(COPY_MARGIN if copy else TIE_MARGIN), group, shape, timings[shape])

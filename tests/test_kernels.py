@@ -253,3 +253,70 @@ def test_group_timing_runs_every_form_at_the_shape():
     assert t.fp32_ms > 0 and sorted(t.int8_ms) == sorted(int8_matmul.FORMS) and min(t.int8_ms.values()) > 0
     assert str(shape) == "4 x 128 @ 128 x 64+96"
     assert kernel_choice.time_group(shape, forms=("conv",), budget_s=0.05).int8_ms.keys() == {"conv"}
+
+
+def test_conv_and_matmul_forms_agree_on_the_bundled_model(bundled_fp32):
+    """The bundled model's serving graph with every MatMul in each form, on the same int8 weights
+    and ranges: the same next token at every position. Their kernels' float outputs differ by
+    float32 rounding alone (test above); a following QuantizeV2 can round such a value to the
+    next level, so through four layers the logits differ slightly more than one kernel's output."""
+    from gptj_int8 import data, models
+    loaded, fn = savedmodel.load_serving_function(bundled_fp32)
+    graph = savedmodel.extract_serving_graph(loaded, fn)
+    graph, found = sites.share_equal_inputs(graph, sites.find_matmul_sites(graph))
+    tokenizer = models.load_tokenizer(bundled_fp32)
+    batches = data.batches(data.encode_passages(tokenizer, data.load_passages(data.CALIBRATION_SET, 8),
+                                                models.context_length(bundled_fp32)), 1, tokenizer.pad_token_id)
+    ranges = calibration.collect_activation_ranges(graph, [s.activation for s in found], batches[:4])
+    store = weights.Int8Weights(True)
+    logits = {}
+    for form in int8_matmul.FORMS:
+        fused = int8_matmul.fuse_int8_matmuls(graph.copy(), found, ranges, store, form)
+        assert _kernel_ops(fused)[form] == 13
+        run = fused.function()
+        logits[form] = np.concatenate([run(tf.constant(b[0]), tf.constant(b[1]))[0].numpy().reshape(-1, 4096)
+                                       for b in batches[4:]])
+    a, b = logits[int8_matmul.MATMUL], logits[int8_matmul.CONV]
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    assert np.abs(a - b).mean() <= 1e-3 * np.abs(a).mean()
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    # INT8 against FP32 is about 0.9998 at a position on this model; the two forms are far closer
+    assert cos.mean() > 0.99999 and cos.min() > 0.9995, (cos.mean(), cos.min())
+
+
+def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monkeypatch, caplog):
+    """With a timer that makes FP32 fastest for the 64-wide out_proj, the convolution fastest at one
+    row and the inner product elsewhere, the converted signatures hold exactly those kernels, the
+    log names every timed shape with its times and choice, and quantize.py's log line per
+    signature counts each form."""
+    import logging
+    from convert import ConvertSavedModel
+    from gptj_int8 import data, models
+
+    def timer(shape, per_channel, forms):
+        fp32 = 0.5 if shape.widths == (64,) and shape.depth == 64 else 1.0
+        return kernel_choice.Timing(fp32, {"matmul": 0.9, "conv": 0.8 if shape.rows == 1 else 0.95})
+
+    monkeypatch.setattr(kernel_choice, "time_group", timer)
+    tok = models.load_tokenizer(tiny_fp32)
+    batches = data.batches(data.encode_passages(tok, data.load_passages(data.CALIBRATION_SET, 4), 256), 1,
+                           tok.pad_token_id)
+    converter = ConvertSavedModel(tiny_fp32, tmp_path / "int8", batches, tmp_path / "out")
+    with caplog.at_level(logging.INFO):
+        converter()
+    log = caplog.text
+    assert "-> fp32" in log and "-> conv" in log and "-> matmul" in log
+    assert "int8 matmul 0.900 ms, int8 conv 0.800 ms -> conv" in log
+    # per layer: q+k+v+fc_in, out_proj (FP32), fc_out; and the lm_head
+    assert converter.kernel_forms == {"serving_default": {"matmul": 5}, "prefill": {"matmul": 4, "conv": 1},
+                                      "decode": {"conv": 5}}
+    assert len(converter.kept_for_speed["decode"]) == 2
+    for step, dump in (("serving_default", "converted_graph_def.pb"), ("prefill", "converted_prefill_graph_def.pb"),
+                       ("decode", "converted_decode_graph_def.pb")):
+        g = tf.compat.v1.GraphDef()
+        g.ParseFromString((tmp_path / "out" / dump).read_bytes())
+        ops = [n.op for n in g.node]
+        assert {f: ops.count(op) for f, op in int8_matmul.KERNEL_OPS.items() if op in ops} == converter.kernel_forms[step]
+        assert ops.count("MatMul") == 2
+        assert f"{step}: 13 MatMuls -> 5 int8 kernels" not in log   # the FP32 ones are not counted as int8
+        assert f"{step}: 11 MatMuls -> 5 int8 kernels" in log
