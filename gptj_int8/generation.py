@@ -44,11 +44,23 @@ def positions(attention_mask, length):
     return tf.math.cumsum(attention_mask, axis=-1, exclusive=True)[:, -length:]
 
 
-def greedy_generate(prefill, decode, eos_token_id, n_positions):
-    """The `generate` signature: prefill once, then decode one token at a time inside a
-    tf.while_loop, until max_new_tokens or every row has produced EOS (rows that did are
-    continued with EOS, as transformers pads finished rows). `prefill` and `decode` take their
-    inputs in INPUTS order and return dicts, as the signatures do."""
+def empty_cache(decode, batch):
+    """A cache of no positions for `decode` (a tf.function with an input signature, or a concrete
+    function): the prompt goes through decode as the first step of generation."""
+    specs = getattr(decode, "input_signature", None) or decode.structured_input_signature[0]
+    n_layer, _, _, n_head, _, head_dim = specs[INPUTS[DECODE].index(CACHE)].shape
+    return tf.zeros([n_layer, 2, batch, n_head, 0, head_dim], tf.float32)
+
+
+def greedy_generate(decode, eos_token_id, n_positions):
+    """The `generate` signature: decode inside a tf.while_loop, the prompt first (from an empty
+    cache), then one token at a time, until max_new_tokens or every row has produced EOS (rows that
+    did are continued with EOS, as transformers pads finished rows). `decode` takes its inputs in
+    INPUTS order and returns a dict, as the signature does.
+
+    One decode in the loop for the prompt and the new tokens: its int8 kernels keep one reordered
+    copy of each weight (oneDNN's cache of a kernel is per op), where a prefill beside the loop
+    would keep a second."""
 
     @tf.function(input_signature=[token_spec("input_ids"), token_spec("attention_mask"),
                                   tf.TensorSpec([], tf.int32, name="max_new_tokens")])
@@ -57,26 +69,25 @@ def greedy_generate(prefill, decode, eos_token_id, n_positions):
                   tf.debugging.assert_less_equal(
                       tf.shape(input_ids)[1] + max_new_tokens, n_positions,
                       message=f"prompt + max_new_tokens is longer than the context ({n_positions} tokens)")]
-        with tf.control_dependencies(checks):
-            first = prefill(input_ids, attention_mask)
-        token = tf.argmax(first["logits"], axis=-1, output_type=tf.int32)
-        done = tf.equal(token, eos_token_id)
-        tokens = tf.TensorArray(tf.int32, size=0, dynamic_size=True).write(0, token)
         batch = tf.shape(input_ids)[0]
+        with tf.control_dependencies(checks):
+            past = empty_cache(decode, batch)
+        done = tf.zeros([batch], tf.bool)
+        tokens = tf.TensorArray(tf.int32, size=0, dynamic_size=True)
 
-        def more(i, token, done, mask, past, tokens):
+        def more(i, fed, done, mask, past, tokens):
             return tf.logical_and(i < max_new_tokens, tf.logical_not(tf.reduce_all(done)))
 
-        def step(i, token, done, mask, past, tokens):
-            mask = tf.concat([mask, tf.ones([batch, 1], tf.int32)], axis=1)
-            out = decode(token[:, None], mask, past)
+        def step(i, fed, done, mask, past, tokens):
+            out = decode(fed, mask, past)
             token = tf.argmax(out["logits"], axis=-1, output_type=tf.int32)
             token = tf.where(done, eos_token_id, token)
-            return i + 1, token, done | tf.equal(token, eos_token_id), mask, out[CACHE], tokens.write(i, token)
+            mask = tf.concat([mask, tf.ones([batch, 1], tf.int32)], axis=1)
+            return (i + 1, token[:, None], done | tf.equal(token, eos_token_id), mask, out[CACHE],
+                    tokens.write(i, token))
 
-        past = first[CACHE]
-        loop = (tf.constant(1), token, done, attention_mask, past, tokens)
-        invariants = (tf.TensorShape([]), token.shape, done.shape, tf.TensorShape([None, None]),
+        loop = (tf.constant(0), input_ids, done, attention_mask, past, tokens)
+        invariants = (tf.TensorShape([]), tf.TensorShape([None, None]), done.shape, tf.TensorShape([None, None]),
                       tf.TensorShape([past.shape[0], 2, None, past.shape[3], None, past.shape[5]]),
                       tf.TensorShape(None))
         n, *_, tokens = tf.while_loop(more, step, loop, shape_invariants=invariants)

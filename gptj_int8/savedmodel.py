@@ -307,7 +307,7 @@ def save_serving_graph(graphs, out_dir, extra_files=(), eos_token_id=None, n_pos
         signatures = {name: _signature_function(graph) for name, graph in graphs.items()}
         if all(s in graphs for s in generation.STEPS) and eos_token_id is not None and n_positions:
             signatures[generation.GENERATE] = generation.greedy_generate(
-                signatures[generation.PREFILL], signatures[generation.DECODE], eos_token_id, n_positions)
+                signatures[generation.DECODE], eos_token_id, n_positions)
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
