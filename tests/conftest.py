@@ -16,6 +16,8 @@ TINY_CONFIG = "vocab_size=4096,n_layer=2,n_embd=64,n_head=4,rotary_dim=8,n_inner
 FLAG_SETS = {"fused": ["--force_int8"], "itex": ["--itex_mode"], "fused+perf": ["--performance_only", "--force_int8"],
              "itex+perf": ["--itex_mode", "--performance_only"]}
 CONVERSIONS = {**FLAG_SETS, "timed": []}
+# quantize.py's flags for every tiny conversion besides the flag set
+CONVERSION_ARGS = ["--calib_samples", "16"]
 
 
 def run_script(script, *args, cwd, check=True):
@@ -60,7 +62,7 @@ def convert_tiny(name, workdir, tiny_fp32):
         out_dir = workdir / f"output-{name}"
         model = workdir / f"converted-{name}"
         run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", model,
-                   "--output_dir", out_dir, "--calib_samples", "16", *CONVERSIONS[name], cwd=workdir)
+                   "--output_dir", out_dir, *CONVERSION_ARGS, *CONVERSIONS[name], cwd=workdir)
         _converted[name] = (name, model, out_dir)
     return _converted[name]
 
@@ -81,3 +83,40 @@ def converted_fused(workdir, tiny_fp32):
 def converted_timed(workdir, tiny_fp32):
     """The tiny model converted with the default flags: int8 only where it is faster on this CPU."""
     return convert_tiny("timed", workdir, tiny_fp32)
+
+
+# run_benchmark.py's flags for the tiny model: every block of its output at the least work
+BENCHMARK_ARGS = ["--num_samples", "20", "--batch_size", "2", "--warmup", "1", "--iterations", "3",
+                  "--gen_samples", "3", "--max_new_tokens", "4"]
+
+
+@pytest.fixture(scope="session")
+def benchmarked(workdir, tiny_fp32, converted_fused):
+    """(run_benchmark.py's CompletedProcess, its output_dir) on the tiny model and its fused conversion."""
+    out_dir = workdir / "benchmark-fused"
+    proc = run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", converted_fused[1],
+                      "--output_dir", out_dir, *BENCHMARK_ARGS, cwd=workdir)
+    return proc, out_dir
+
+
+@pytest.fixture(scope="session")
+def bundled_fp32(workdir):
+    """The bundled trained model exported with prepare_model.py's defaults, as the README's main command does."""
+    run_script("prepare_model.py", cwd=workdir)
+    return workdir / "gptj-kjv"
+
+
+_bundled = {}
+
+
+@pytest.fixture(scope="session")
+def bundled_int8(workdir, bundled_fp32):
+    """bundled_int8(flag set name): the bundled model converted by quantize.py with quantize.py's
+    defaults and that flag set, once per session."""
+    def convert(name):
+        if name not in _bundled:
+            _bundled[name] = workdir / f"converted_gptj-kjv-{name}"
+            run_script("quantize.py", "--input_model", bundled_fp32, "--converted_model", _bundled[name],
+                       "--output_dir", workdir / f"output-bundled-{name}", *CONVERSIONS[name], cwd=workdir)
+        return _bundled[name]
+    return convert

@@ -158,7 +158,7 @@ def test_passages_longer_than_the_context_are_cut_and_counted(tmp_path, tiny_fp3
     long.write_text(json.dumps({"text": " ".join(["word"] * 400) + " end"}) + "\n"
                     + json.dumps({"text": "a short passage that ends"}) + "\n")
     proc = run_script("quantize.py", "--input_model", tiny_fp32, "--dataset", long, "--converted_model",
-                      tmp_path / "int8", "--output_dir", tmp_path / "out", cwd=tmp_path)
+                      tmp_path / "int8", "--output_dir", tmp_path / "out", "--force_int8", cwd=tmp_path)
     assert "1 of 2 passages were longer than 256 tokens" in proc.stderr
 
 
@@ -178,5 +178,5 @@ def test_killed_conversion_leaves_nothing_behind_after_the_next_run(tmp_path, ti
     stale.mkdir()
     (stale / "variables").mkdir()
     run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", target,
-               "--output_dir", tmp_path / "out", "--calib_samples", "2", cwd=tmp_path)
+               "--output_dir", tmp_path / "out", "--calib_samples", "2", "--force_int8", cwd=tmp_path)
     assert (target / "saved_model.pb").exists() and not stale.exists()

@@ -49,10 +49,8 @@ def test_cached_steps_give_the_logits_of_recomputation(tiny_fp32):
         np.testing.assert_allclose(logits[0], full, rtol=1e-4, atol=1e-4)
 
 
-def test_fp32_generate_equals_greedy_recomputation_on_the_bundled_model(workdir):
-    model = workdir / "gptj-kjv"
-    if not (model / "saved_model.pb").exists():
-        run_script("prepare_model.py", cwd=workdir)
+def test_fp32_generate_equals_greedy_recomputation_on_the_bundled_model(bundled_fp32):
+    model = bundled_fp32
     _, sig = _signatures(model)
     tok = models.load_tokenizer(model)
     for prompt in PROMPTS:
@@ -94,14 +92,9 @@ def test_every_signature_is_converted_and_shares_one_int8_copy_of_each_weight(co
     assert set(sig["generate"].structured_outputs) == {"sequences"}
 
 
-def test_int8_generation_agrees_with_fp32_on_the_bundled_model(workdir):
-    """Teacher-forced: INT8 continues FP32's greedy text and picks FP32's token."""
-    fp32_dir, int8_dir = workdir / "gptj-kjv", workdir / "converted_gptj-kjv-timed"
-    if not (fp32_dir / "saved_model.pb").exists():
-        run_script("prepare_model.py", cwd=workdir)
-    if not (int8_dir / "saved_model.pb").exists():
-        run_script("quantize.py", "--input_model", fp32_dir, "--converted_model", int8_dir,
-                   "--output_dir", workdir / "output-bundled-timed", cwd=workdir)
+def test_int8_generation_agrees_with_fp32_on_the_bundled_model(bundled_fp32, bundled_int8):
+    """Teacher-forced: INT8 (the main command's conversion) continues FP32's greedy text and picks FP32's token."""
+    fp32_dir, int8_dir = bundled_fp32, bundled_int8("timed")
     tok = models.load_tokenizer(fp32_dir)
     encoded = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, 30), 256)
     prompts = [ids[:-n][-200:] for ids, n in encoded]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CONVERSIONS, run_script, saved_model_cli_run
+from conftest import run_script, saved_model_cli_run
 from gptj_int8 import benchmark, data, models, savedmodel
 from gptj_int8.graph import GraphIndex
 
@@ -144,18 +144,14 @@ def test_saved_model_cli_returns_logits(converted):
     assert "logits" in saved_model_cli_run(model, "serving_default", "input_ids=[[1,2,3]];attention_mask=[[1,1,1]]")
 
 
-def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, tmp_path):
-    name, model, _ = converted
-    if name != "fused":
-        pytest.skip("one flag set is enough for the benchmark script")
-    proc = run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", model,
-                      "--output_dir", tmp_path, "--num_samples", "20", "--batch_size", "2",
-                      "--warmup", "1", "--iterations", "3", "--gen_samples", "3", "--max_new_tokens", "4",
-                      cwd=tmp_path)
+def test_run_benchmark_prints_both_blocks_and_writes_json(benchmarked):
+    """run_benchmark.py on the --force_int8 conversion (one flag set is enough for the script), with
+    conftest's BENCHMARK_ARGS: 20 passages in batches of 2, generation of 3 prompts x 4 tokens."""
+    proc, out_dir = benchmarked
     assert proc.stdout.count("with TF2.x API") == 2
     for line in ("Batch size = 2", "Accuracy: ", "Latency: ", "Throughput: "):
         assert line in proc.stdout
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((out_dir / "results.json").read_text())
     for key in ("original", "converted"):
         r = results[key]
         assert set(r) >= {"accuracy", "accuracy_ci95", "last_word_accuracy", "last_word_accuracy_ci95",
@@ -170,31 +166,29 @@ def test_run_benchmark_prints_both_blocks_and_writes_json(converted, tiny_fp32, 
     assert "generation, 3 prompts x 4 greedy tokens" in proc.stdout
     assert 0.0 <= results["agreement"] <= 1.0
     assert results["kl_divergence"] >= 0.0 and 0.0 <= results["accuracy_diff_pvalue"] <= 1.0
-    assert (tmp_path / "results.png").stat().st_size > 0
+    assert (out_dir / "results.png").stat().st_size > 0
+
+
+def _bundled_batches(model, n=300):
+    tok = models.load_tokenizer(model)
+    return data.batches(data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, n), 256), 8, tok.pad_token_id)
 
 
 @pytest.fixture(scope="module")
-def bundled_fp32(workdir):
-    """The bundled trained model exported with prepare_model.py's defaults, as the README's
-    main command does."""
-    if not (workdir / "gptj-kjv" / "saved_model.pb").exists():   # test_generation may have made it
-        run_script("prepare_model.py", cwd=workdir)
-    return workdir / "gptj-kjv"
+def bundled_fp32_scores(bundled_fp32):
+    """(last-token logits, last-token hits) of the FP32 bundled model on 300 passages, scored once
+    for both conversions."""
+    _, fp32 = savedmodel.load_serving_function(bundled_fp32)
+    logits, token_hits, _ = benchmark.evaluate(fp32, _bundled_batches(bundled_fp32))
+    return logits, token_hits
 
 
 @pytest.mark.parametrize("flags", ["timed", "itex"])   # the main command's conversion, and the QDQ form
-def test_bundled_model_int8_keeps_accuracy_and_agrees_with_fp32(bundled_fp32, workdir, flags):
-    int8_dir = workdir / f"converted_gptj-kjv-{flags}"
-    if not (int8_dir / "saved_model.pb").exists():       # test_generation may have made it
-        run_script("quantize.py", "--input_model", bundled_fp32, "--converted_model", int8_dir,
-                   "--output_dir", workdir / f"output-bundled-{flags}", *CONVERSIONS[flags], cwd=workdir)
-    tok = models.load_tokenizer(bundled_fp32)
-    encoded = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET, 300), 256)
-    batches = data.batches(encoded, 8, tok.pad_token_id)
-    _, fp32 = savedmodel.load_serving_function(bundled_fp32)
-    _, int8 = savedmodel.load_serving_function(int8_dir)
-    logits_a, token_a, _ = benchmark.evaluate(fp32, batches)
-    logits_b, token_b, _ = benchmark.evaluate(int8, batches)
+def test_bundled_model_int8_keeps_accuracy_and_agrees_with_fp32(bundled_fp32, bundled_int8, bundled_fp32_scores,
+                                                                 flags):
+    logits_a, token_a = bundled_fp32_scores
+    _, int8 = savedmodel.load_serving_function(bundled_int8(flags))
+    logits_b, token_b, _ = benchmark.evaluate(int8, _bundled_batches(bundled_fp32))
     assert token_a.mean() >= 0.30                       # a trained model: the drop is measurable
     assert benchmark.argmax_agreement(logits_a, logits_b) >= 0.95
     assert benchmark.logit_cosine(logits_a, logits_b) >= 0.99

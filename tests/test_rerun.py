@@ -1,6 +1,7 @@
 """Reruns give the same model; an interrupted conversion leaves the previous one intact."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_script
+from conftest import BENCHMARK_ARGS, CONVERSION_ARGS, CONVERSIONS, REPO, run_script
 from gptj_int8 import data
 
 
@@ -18,29 +19,28 @@ def _variables(model):
     return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in k}
 
 
-def test_same_inputs_give_the_same_model(tmp_path, tiny_fp32):
-    # --force_int8: which kernels pay is timed anew on each run, and near-ties may fall either way
-    outs = []
-    for run in ("a", "b"):
-        run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", tmp_path / f"int8-{run}",
-                   "--output_dir", tmp_path / f"out-{run}", "--calib_samples", "8", "--force_int8", cwd=tmp_path)
-        outs.append(run)
-    graphs = [(tmp_path / f"out-{r}" / "converted_graph_def.pb").read_bytes() for r in outs]
+def test_same_inputs_give_the_same_model(tmp_path, workdir, tiny_fp32, converted_fused):
+    """A second run of the session's --force_int8 conversion, with the same flags, gives its graph and
+    weights byte for byte (--force_int8: which kernels pay is timed anew on each run, and near-ties may
+    fall either way)."""
+    _, first, first_out = converted_fused
+    run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", tmp_path / "int8",
+               "--output_dir", tmp_path / "out", *CONVERSION_ARGS, *CONVERSIONS["fused"], cwd=workdir)
+    graphs = [(out / "converted_graph_def.pb").read_bytes() for out in (first_out, tmp_path / "out")]
     assert graphs[0] == graphs[1]
-    va, vb = (_variables(tmp_path / f"int8-{r}") for r in outs)
+    va, vb = _variables(first), _variables(tmp_path / "int8")
     assert va.keys() == vb.keys()
     for k in va:
         np.testing.assert_array_equal(va[k], vb[k])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
-def test_interrupted_conversion_keeps_the_previous_model(tmp_path, tiny_fp32, signum):
+def test_interrupted_conversion_keeps_the_previous_model(tmp_path, tiny_fp32, converted_fused, signum):
     if signal.getsignal(signum) == signal.SIG_IGN:
         # a shell without job control starts background jobs with SIGINT ignored; so would quantize.py be
         pytest.skip(f"{signum.name} is ignored by the process running the tests, and by its children")
     target = tmp_path / "converted"
-    run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", target,
-               "--output_dir", tmp_path / "out", "--calib_samples", "4", cwd=tmp_path)
+    shutil.copytree(converted_fused[1], target)      # the previous run's model
     before = _variables(target)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, str(REPO / "quantize.py"), "--input_model", str(tiny_fp32),
@@ -59,17 +59,11 @@ def test_interrupted_conversion_keeps_the_previous_model(tmp_path, tiny_fp32, si
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted")]
 
 
-def test_benchmark_accuracy_is_the_same_on_reruns(tmp_path, tiny_fp32, converted):
-    name, model, _ = converted
-    if name != "fused":
-        pytest.skip("one flag set is enough")
-    results = []
-    for run in ("a", "b"):
-        run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", model,
-                   "--output_dir", tmp_path / run, "--num_samples", "30", "--batch_size", "4",
-                   "--warmup", "0", "--iterations", "1", "--gen_samples", "0", cwd=tmp_path)
-        results.append(json.loads((tmp_path / run / "results.json").read_text()))
-    a, b = results
+def test_benchmark_accuracy_is_the_same_on_reruns(tmp_path, workdir, tiny_fp32, converted_fused, benchmarked):
+    """run_benchmark.py again, with the flags of the session's first run: the same scores."""
+    run_script("run_benchmark.py", "--input_model", tiny_fp32, "--converted_model", converted_fused[1],
+               "--output_dir", tmp_path, *BENCHMARK_ARGS, cwd=workdir)
+    a, b = (json.loads((out / "results.json").read_text()) for out in (benchmarked[1], tmp_path))
     for key in ("agreement", "logit_cosine", "kl_divergence", "accuracy_diff_pvalue"):
         assert a[key] == b[key]
     for name in ("original", "converted"):
