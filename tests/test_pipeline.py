@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import run_script, saved_model_cli_run
 from gptj_int8 import benchmark, data, models, savedmodel
 from gptj_int8.graph import GraphIndex
+from gptj_int8.int8_matmul import DEFAULT_FORM, KERNEL_OPS, MATMUL
 
 
 def _graph(path):
@@ -40,9 +41,39 @@ def test_extracted_graph_keeps_weights_as_variables(converted):
     ops = [n.op for n in g.node]
     assert ops.count("MatMul") == 2 * 6 + 1          # q, k, v, out, fc_in, fc_out per layer + lm_head
     assert ops.count("ReadVariableOp") > 0
-    assert "_QuantizedMatMul" not in ops and "QuantizeV2" not in ops
+    assert not set(KERNEL_OPS.values()) & set(ops) and "QuantizeV2" not in ops
     # no weight tensor inside the protobuf: every Const is small
     assert max(n.attr["value"].tensor.ByteSize() for n in g.node if n.op == "Const") < 64 * 1024
+
+
+def _kernel_input(index, kernel):
+    """The node that makes an int8 kernel's activation (the convolution's goes through a Reshape)."""
+    node = index.producer(kernel.input[0])
+    return index.producer(node.input[0]) if node.op == "Reshape" else node
+
+
+def _check_kernel_contract(index, n):
+    """u8 activations x s8 weights, each output column with its own weight scale: inside the
+    inner product (min_b/max_b vectors, no Mul after it), or after the convolution's int32 result
+    (one Mul by a scale per column)."""
+    const = lambda tensor: tf.make_ndarray(index.producer(tensor).attr["value"].tensor)
+    width = const(n.input[2]).shape[0]      # the int32 bias, one per column
+    if n.op == KERNEL_OPS[MATMUL]:
+        assert n.attr["T1"].type == tf.quint8.as_datatype_enum and n.attr["T2"].type == tf.qint8.as_datatype_enum
+        assert list(n.attr["fused_ops"].list.s) == [b"BiasAdd", b"Dequantize"]
+        assert const(n.input[6]).shape == (width,)
+        assert all(c.op != "Mul" for c in index.consumers[n.name])
+    else:
+        assert n.attr["Tinput"].type == tf.quint8.as_datatype_enum
+        assert n.attr["Tfilter"].type == tf.qint8.as_datatype_enum
+        assert n.attr["out_type"].type == tf.qint32.as_datatype_enum
+        assert list(n.attr["fused_ops"].list.s) == [b"BiasAdd"] and n.attr["is_filter_const"].b
+        node, chain = n, []
+        while node.op != "Mul":
+            node = index.consumers[node.name][0]
+            chain.append(node.op)
+        assert chain == ["Bitcast", "Reshape", "Cast", "Mul"]
+        assert const(node.input[1]).shape == (width,)
 
 
 def test_converted_graph_has_pairs_or_int8_kernels_before_every_dense_matmul(converted):
@@ -57,21 +88,19 @@ def test_converted_graph_has_pairs_or_int8_kernels_before_every_dense_matmul(con
             assert act.op == "Dequantize" and index.producer(act.input[0]).op == "QuantizeV2"
             assert weight.op == "Dequantize"   # int8 weight variable, dequantized in the graph
     else:
-        fused = [n for n in g.node if n.op == "_QuantizedMatMul"]
+        # --force_int8 takes the convolution form everywhere
+        fused = [n for n in g.node if n.op in KERNEL_OPS.values()]
+        assert {n.op for n in fused} == {KERNEL_OPS[DEFAULT_FORM]}
         # q, k, v and fc_in read one layer norm: one kernel, split back into their four outputs
         assert len(fused) == 2 * 3 + 1 and not any(n.op == "MatMul" for n in g.node)
         splits = [n for n in g.node if n.op == "SplitV"]
         assert [n.attr["num_split"].i for n in splits] == [4, 4]
-        assert all(index.producer(n.input[0]).op == "_QuantizedMatMul" for n in splits)
         for n in fused:
-            assert index.producer(n.input[0]).op == "QuantizeV2"
-            assert n.attr["T1"].type == tf.quint8.as_datatype_enum
-            assert n.attr["T2"].type == tf.qint8.as_datatype_enum
-            assert list(n.attr["fused_ops"].list.s) == [b"BiasAdd", b"Dequantize"]
-            # one weight scale per output column, inside the kernel: no Mul after it
-            width = tf.make_ndarray(index.producer(n.input[2]).attr["value"].tensor).shape[0]
-            assert tf.make_ndarray(index.producer(n.input[6]).attr["value"].tensor).shape == (width,)
-            assert all(c.op != "Mul" for c in index.consumers[n.name])
+            assert _kernel_input(index, n).op == "QuantizeV2"
+            _check_kernel_contract(index, n)
+        for n in splits:   # each split reads a kernel's float output: the kernel, or its column scale
+            out = index.producer(n.input[0])
+            assert out.op in KERNEL_OPS.values() or (out.op == "Mul" and "int8_matmul" in out.name)
     float_concats = [n for n in g.node if n.op == "ConcatV2" and n.attr["T"].type == tf.float32.as_datatype_enum]
     assert len(float_concats) == 2 * 2                # the two rotary concats per layer
     for n in float_concats:
@@ -90,18 +119,26 @@ def test_default_conversion_keeps_fp32_only_where_int8_was_timed_slower(converte
     as kept in FP32 beside its measured times; the model still agrees with FP32."""
     _, model, out_dir = converted_timed
     log = (out_dir / "quantize.log").read_text()
-    assert "timed " in log and " ms, int8 " in log
+    assert "timed " in log and " ms, int8 matmul " in log and " ms, int8 conv " in log
     kept_lines = [line for line in log.splitlines() if "FP32 kept for" in line]
     for step, dump in (("serving_default", "converted_graph_def.pb"), ("decode", "converted_decode_graph_def.pb")):
         g = _graph(out_dir / dump)
+        index = GraphIndex(g)
         matmuls = [n.name for n in g.node if n.op == "MatMul"]
-        kernels = [n for n in g.node if n.op == "_QuantizedMatMul"]
+        kernels = [n for n in g.node if n.op in KERNEL_OPS.values()]
         lines = [line for line in kept_lines if f"INFO convert {step}:" in line]
         assert sum(int(re.search(r"FP32 kept for (\d+) MatMuls", line).group(1)) for line in lines) == len(matmuls)
         for line in lines:
             shown = line.split("): ", 1)[1].split(" and ")[0].split(", ")
             assert set(shown) <= set(matmuls)
         assert len(kernels) + len(matmuls) >= 2 * 3 + 1
+        # the log names the form of each kernel, and the graph has those kernels
+        counts = re.search(rf"INFO convert {step}: \d+ MatMuls -> (\d+) int8 kernels \((.*)\)", log)
+        assert int(counts.group(1)) == len(kernels)
+        logged = {f: int(n) for n, f in re.findall(r"(\d+) (matmul|conv)", counts.group(2))}
+        assert logged == {f: c for f in KERNEL_OPS if (c := sum(n.op == KERNEL_OPS[f] for n in kernels))}
+        for n in kernels:
+            _check_kernel_contract(index, n)
     a, b = _logits_of_both(tiny_fp32, model, 8)
     assert benchmark.logit_cosine(a, b) >= 0.99
 
