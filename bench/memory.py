@@ -4,12 +4,19 @@ to GPT-J-6B.
     python bench/memory.py                   # both; models and checkpoints are built once under bench/runs/
     python bench/memory.py --only prepare    # prepare_model.py on a float16 safetensors checkpoint
     python bench/memory.py --only quantize
+    python bench/memory.py --only serving    # the FP32 and INT8 models loaded and called, by signature
 
 GPT-J-6B's width with 1, 2 and 3 random layers (2.5, 3.3 and 4.1 GB in FP32). Each script runs as
 its own process; its peak RSS is polled from the OS (psutil, the process and its children).
 prepare_model.py reads a PyTorch-layout checkpoint written here first, as GPT-J-6B's float16
 revision is stored: float16 safetensors, one shard per layer. quantize.py's converted model is
 then loaded with plain TensorFlow, run, and compared with FP32.
+
+Serving: one process per model and way of calling it (tf.saved_model.load, then the calls below on
+a batch of one 32-token prompt, 8 new tokens), its peak RSS. The int8 kernels keep a reordered copy
+of their weight per op, so what a process holds depends on which signatures it calls:
+serving_default alone (a scoring service), generate alone (a TF Serving client of the in-graph
+loop), prefill + decode (generate.py's host loop), and all of them.
 """
 import argparse
 
@@ -120,16 +127,79 @@ def bench_quantize(layers):
     print_projection(rows, 1, "conversion")
 
 
+# Python run in a process of its own by serving_peak, with MODEL the SavedModel's folder.
+SERVING_CALLS = {
+    "serving_default": "m.signatures['serving_default'](input_ids=ids, attention_mask=mask)",
+    "generate": "m.signatures['generate'](input_ids=ids, attention_mask=mask, max_new_tokens=tf.constant(8))",
+    "prefill + decode": "list(generation.stream(m.signatures['prefill'], m.signatures['decode'], ids.numpy(), "
+                        "mask.numpy(), 8))",
+}
+SERVING_CALLS["all"] = "; ".join(SERVING_CALLS.values())
+
+
+def serving_peak(model_dir, calls):
+    """Peak RSS in GB of a process that loads the SavedModel and runs `calls` (SERVING_CALLS) twice."""
+    import subprocess
+    import sys
+    code = (f"import sys; sys.path.insert(0, {str(common.REPO / 'bench')!r})\n"
+            "import gptj_int8, common, numpy as np, tensorflow as tf\n"
+            "from gptj_int8 import generation\n"
+            f"m = tf.saved_model.load({str(model_dir)!r})\n"
+            f"ids = tf.constant([common.token_windows({str(model_dir)!r}, 1, 32)[0]], tf.int32)\n"
+            "mask = tf.ones_like(ids)\n"
+            f"for _ in range(2): {calls}\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=common.script_env())
+    peak = common.poll_peak_rss(proc)
+    common.check(proc, f"serving {model_dir}")
+    return peak / 1e9
+
+
+def bench_serving(layers):
+    """Peak RSS per way of serving, FP32 and INT8, and what each added layer costs."""
+    import tensorflow as tf
+    rows = {}
+    for n in layers:
+        fp32_dir = common.prepare(f"gptj-6b-width-{n}l", n)
+        int8_dir = common.converted(f"gptj-6b-width-{n}l")
+        reader = tf.train.load_checkpoint(str(int8_dir / "variables" / "variables"))
+        shapes = reader.get_variable_to_shape_map()
+        int8_bytes = sum(int(np.prod(shapes[k])) for k, d in reader.get_variable_to_dtype_map().items()
+                         if d == tf.int8) / 1e9
+        for way, calls in SERVING_CALLS.items():
+            rows[(n, way)] = (serving_peak(fp32_dir, calls), serving_peak(int8_dir, calls), int8_bytes)
+            print(f"{n} layer(s), {way}: FP32 {rows[(n, way)][0]:.2f} GB, INT8 {rows[(n, way)][1]:.2f} GB", flush=True)
+
+    print("\n| way of serving | layers | FP32 peak RSS GB | INT8 peak RSS GB |")
+    print("|---|---|---|---|")
+    for (n, way), (fp32, int8, _) in rows.items():
+        print(f"| {way} | {n} | {fp32:.2f} | {int8:.2f} |")
+    if len(layers) >= 2:
+        lo, hi = min(layers), max(layers)
+        per_layer_int8 = (rows[(hi, "all")][2] - rows[(lo, "all")][2]) / (hi - lo)
+        print(f"\nPer added layer ({lo} -> {hi} layers; its int8 weights: {per_layer_int8:.3f} GB):")
+        print("| way of serving | FP32 GB per layer | INT8 GB per layer | INT8 / its int8 weights "
+              f"| projected for {GPTJ_6B_LAYERS} layers: FP32 GB | INT8 GB |")
+        print("|---|---|---|---|---|---|")
+        for way in SERVING_CALLS:
+            fits = [np.polyfit(layers, [rows[(n, way)][i] for n in layers], 1) for i in (0, 1)]
+            print(f"| {way} | {fits[0][0]:.2f} | {fits[1][0]:.2f} | {fits[1][0] / per_layer_int8:.2f}x "
+                  f"| {np.polyval(fits[0], GPTJ_6B_LAYERS):.1f} | {np.polyval(fits[1], GPTJ_6B_LAYERS):.1f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--only", choices=["prepare", "quantize"], help="measure one script (default: both)")
+    p.add_argument("--only", choices=["prepare", "quantize", "serving"],
+                   help="measure one of them (default: the two scripts)")
     args = p.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "prepare"):
         bench_prepare(args.layers)
     if args.only in (None, "quantize"):
         bench_quantize(args.layers)
+    if args.only == "serving":
+        bench_serving(args.layers)
 
 
 if __name__ == "__main__":
