@@ -166,14 +166,15 @@ def matmul_times(shapes, m, per_channel=True):
 def print_matmul_rows(times, fp32_matmuls, int8_matmuls, prefix=""):
     """Markdown rows of matmul_times, then the sums of one layer + lm_head and of one layer, each
     MatMul (K, N, count) of `fp32_matmuls` against each kernel of `int8_matmuls` in its faster form."""
+    from gptj_int8.int8_matmul import FORMS
     for (k, n), (a, forms) in times.items():
         best = min(forms.values())
-        print(f"| K={k} N={n} | {prefix}{a:.2f} | " + " | ".join(f"{forms[f]:.2f}" for f in sorted(forms))
+        print(f"| K={k} N={n} | {prefix}{a:.2f} | " + " | ".join(f"{forms[f]:.2f}" for f in FORMS if f in forms)
               + f" | {a / best:.2f}x |")
     fp32 = [times[(k, n)][0] * c for k, n, c in fp32_matmuls]
     int8 = {f: [times[(k, n)][1][f] * c for k, n, c in int8_matmuls] for f in times[next(iter(times))][1]}
     best = [min(times[(k, n)][1].values()) * c for k, n, c in int8_matmuls]
     for label, cut in (("one layer + lm_head, as each model runs them", None), ("one layer without the lm_head", -1)):
         a, b = sum(fp32[:cut]), sum(best[:cut])
-        print(f"| {label} | {prefix}{a:.2f} | " + " | ".join(f"{sum(int8[f][:cut]):.2f}" for f in sorted(int8))
+        print(f"| {label} | {prefix}{a:.2f} | " + " | ".join(f"{sum(int8[f][:cut]):.2f}" for f in FORMS if f in int8)
               + f" | {a / b:.2f}x |")
