@@ -138,6 +138,12 @@ def int8_executions(model_dir, call):
     return found
 
 
+def one_row(shape):
+    """Whether a oneDNN shape string is an int8 kernel on one row: the inner product's `mb1ic...`,
+    or the 1x1 convolution's, whose rows are the image's width (`..._iw1ow1...`)."""
+    return shape.startswith("mb1ic") or (shape.startswith("mb1_") and "_iw1ow1" in shape)
+
+
 def int8_kernels(model_dir, call):
     """{(implementation, shape): count} of int8_executions."""
     return collections.Counter((impl, shape) for impl, shape, _ in int8_executions(model_dir, call))

@@ -172,9 +172,10 @@ def main():
                   f"({fits[0][0] / fits[1][0]:.2f}x); projected for {GPTJ_6B_LAYERS} layers: FP32 {fp32:.0f} ms, "
                   f"INT8 {int8:.0f} ms per token, {fp32 / int8:.2f}x.")
 
-    print("\nint8 kernels oneDNN ran in decode (3 steps after a 32-token prefill, batch 1; mb = rows):")
+    print("\nint8 kernels oneDNN ran in decode (3 steps after a 32-token prefill, batch 1; rows: mb for the "
+          "inner product, iw for the convolution):")
     for name, found in kernels.items():
-        decode = {k: n for k, n in found.items() if k[1].startswith("mb1ic")}
+        decode = {k: n for k, n in found.items() if common.one_row(k[1])}
         print(f"- {name}: " + (", ".join(f"{impl} {shape} x{n}" for (impl, shape), n in sorted(decode.items()))
                                or "none"))
 
