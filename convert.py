@@ -110,8 +110,8 @@ class ConvertSavedModel:
             found = {name: [s for s in found[name] if sites.weight_key(graphs[name], s) not in kept] for name in graphs}
 
         fused = form is int8_matmul.fuse_int8_matmuls
-        forms = int8_matmul.DEFAULT_FORM if self.int8_kernel == "auto" else self.int8_kernel
-        forms = {name: forms for name in graphs}
+        form_everywhere = int8_matmul.DEFAULT_FORM if self.int8_kernel == "auto" else self.int8_kernel
+        forms = {name: {s.activation: form_everywhere for s in found[name]} for name in graphs}
         if fused and not self.force_int8:
             found, forms = self._choose_kernels(graphs, found, functions)
 
@@ -119,7 +119,7 @@ class ConvertSavedModel:
         for name, graph in graphs.items():
             if fused:
                 activations = {s.activation for s in found[name]}
-                chosen = [forms[name] if isinstance(forms[name], str) else forms[name][a] for a in activations]
+                chosen = [forms[name][a] for a in activations]
                 self.kernel_forms[name] = {f: chosen.count(f) for f in int8_matmul.FORMS if f in chosen}
                 log.info("%s: %d MatMuls -> %d int8 kernels (%s)", name, len(found[name]), len(activations),
                          ", ".join(f"{n} {f}" for f, n in self.kernel_forms[name].items()) or "none")

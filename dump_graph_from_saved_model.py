@@ -6,8 +6,9 @@ import argparse
 import collections
 
 from gptj_int8 import cli, savedmodel
+from gptj_int8.int8_matmul import KERNEL_OPS
 
-SHOWN_FIRST = ("QuantizeV2", "Dequantize", "_QuantizedMatMul", "_FusedQuantizedConv2D", "MatMul", "BatchMatMulV2", "ConcatV2")
+SHOWN_FIRST = ("QuantizeV2", "Dequantize", *KERNEL_OPS.values(), "MatMul", "BatchMatMulV2", "ConcatV2")
 
 
 def main():

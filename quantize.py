@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from convert import SIDE_FILES, ConvertSavedModel
-from gptj_int8 import cli, data, models, savedmodel
+from gptj_int8 import cli, data, int8_matmul, models, savedmodel
 
 log = logging.getLogger("quantize")
 DEFAULT_MODEL = models.default_export_dir(models.BUNDLED_MODEL)
@@ -45,7 +45,7 @@ def main():
                         "(points) on held-out passages of --dataset is within this bound")
     p.add_argument("--force_int8", action=argparse.BooleanOptionalAction, default=None,
                    help="an int8 kernel for every MatMul, even where timing on this CPU finds it slower than FP32")
-    p.add_argument("--int8_kernel", choices=["auto", "matmul", "conv"], default=None,
+    p.add_argument("--int8_kernel", choices=["auto", *int8_matmul.FORMS], default=None,
                    help="the int8 kernel: oneDNN's inner product (matmul), its 1x1 convolution (conv), or the "
                         "faster of the two for each kernel as timed on this CPU (auto, the default; conv with "
                         "--force_int8)")

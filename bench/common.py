@@ -118,16 +118,31 @@ def converted(name, fresh=False):
 
 # Python run by int8_executions, with MODEL the SavedModel and BATCH a timing batch.
 SERVING_CALL = "f = m.signatures['serving_default']; f(input_ids=tf.constant(BATCH[0]), attention_mask=tf.constant(BATCH[1]))"
-DECODE_CALL = ("from gptj_int8 import generation; ids = BATCH[0][:, :32]\n"
+DECODE_CALL = ("ids = BATCH[0][:, :32]\n"
                "for _ in generation.stream(m.signatures['prefill'], m.signatures['decode'], ids, np.ones_like(ids), 3): pass")
+
+
+def model_code(model_dir, body):
+    """Python for a process of its own: load the SavedModel `model_dir` as `m` (with numpy as np,
+    tensorflow as tf, gptj_int8's generation and this folder's common imported), then run `body`."""
+    return (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+            "import gptj_int8, common, numpy as np, tensorflow as tf\n"
+            "from gptj_int8 import generation\n"
+            f"m = tf.saved_model.load({str(model_dir)!r})\n" + body)
+
+
+def peak_rss_gb_of(code, what):
+    """Peak RSS in GB of a Python process running `code` (`what` names it if it fails)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=script_env())
+    peak = poll_peak_rss(proc)
+    check(proc, what)
+    return peak / 1e9
 
 
 def int8_executions(model_dir, call):
     """The int8 matmuls oneDNN reports while `call` runs on the model: [(implementation, shape, ms)]."""
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
-            "import gptj_int8, common, numpy as np, tensorflow as tf\n"
-            f"m = tf.saved_model.load({str(model_dir)!r}); BATCH = common.timing_batch({str(model_dir)!r})\n"
-            + call)
+    code = model_code(model_dir, f"BATCH = common.timing_batch({str(model_dir)!r})\n" + call)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(REPO)}).stdout
     found = []

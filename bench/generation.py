@@ -16,9 +16,6 @@ saves recomputation), and the KV cache's own cost per step in the layout the mod
 concat that grows) against one preallocated to the context and written in place.
 """
 import argparse
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -72,17 +69,10 @@ def time_generation(steps, batches, new_tokens):
 
 def peak_rss_gb(model_dir, batch, new_tokens):
     """Peak RSS of a process that loads the model and generates once at `batch`."""
-    code = (f"import sys; sys.path.insert(0, {str(common.REPO / 'bench')!r})\n"
-            "import gptj_int8, common, numpy as np, tensorflow as tf\n"
-            "from gptj_int8 import generation\n"
-            f"m = tf.saved_model.load({str(model_dir)!r})\n"
-            f"ids = np.array(common.token_windows({str(model_dir)!r}, {batch}, 32), np.int32)\n"
-            f"for _ in generation.stream(m.signatures['prefill'], m.signatures['decode'], ids, np.ones_like(ids), {new_tokens}): pass\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
-    peak = common.poll_peak_rss(proc)
-    common.check(proc, f"generation in {model_dir}")
-    return peak / 1e9
+    return common.peak_rss_gb_of(common.model_code(model_dir, (
+        f"ids = np.array(common.token_windows({str(model_dir)!r}, {batch}, 32), np.int32)\n"
+        "for _ in generation.stream(m.signatures['prefill'], m.signatures['decode'], ids, np.ones_like(ids), "
+        f"{new_tokens}): pass\n")), f"generation in {model_dir}")
 
 
 def cache_step_ms(n_layer, n_head, head_dim, past, context, iterations=10):

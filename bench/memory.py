@@ -127,7 +127,7 @@ def bench_quantize(layers):
     print_projection(rows, 1, "conversion")
 
 
-# Python run in a process of its own by serving_peak, with MODEL the SavedModel's folder.
+# Python run by serving_peak after common.model_code has loaded the model as `m`.
 SERVING_CALLS = {
     "serving_default": "m.signatures['serving_default'](input_ids=ids, attention_mask=mask)",
     "generate": "m.signatures['generate'](input_ids=ids, attention_mask=mask, max_new_tokens=tf.constant(8))",
@@ -139,44 +139,34 @@ SERVING_CALLS["all"] = "; ".join(SERVING_CALLS.values())
 
 def serving_peak(model_dir, calls):
     """Peak RSS in GB of a process that loads the SavedModel and runs `calls` (SERVING_CALLS) twice."""
-    import subprocess
-    import sys
-    code = (f"import sys; sys.path.insert(0, {str(common.REPO / 'bench')!r})\n"
-            "import gptj_int8, common, numpy as np, tensorflow as tf\n"
-            "from gptj_int8 import generation\n"
-            f"m = tf.saved_model.load({str(model_dir)!r})\n"
-            f"ids = tf.constant([common.token_windows({str(model_dir)!r}, 1, 32)[0]], tf.int32)\n"
-            "mask = tf.ones_like(ids)\n"
-            f"for _ in range(2): {calls}\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=common.script_env())
-    peak = common.poll_peak_rss(proc)
-    common.check(proc, f"serving {model_dir}")
-    return peak / 1e9
+    return common.peak_rss_gb_of(common.model_code(model_dir, (
+        f"ids = tf.constant([common.token_windows({str(model_dir)!r}, 1, 32)[0]], tf.int32)\n"
+        "mask = tf.ones_like(ids)\n"
+        f"for _ in range(2): {calls}\n")), f"serving {model_dir}")
 
 
 def bench_serving(layers):
     """Peak RSS per way of serving, FP32 and INT8, and what each added layer costs."""
     import tensorflow as tf
-    rows = {}
+    rows, int8_gb = {}, {}
     for n in layers:
         fp32_dir = common.prepare(f"gptj-6b-width-{n}l", n)
         int8_dir = common.converted(f"gptj-6b-width-{n}l")
         reader = tf.train.load_checkpoint(str(int8_dir / "variables" / "variables"))
         shapes = reader.get_variable_to_shape_map()
-        int8_bytes = sum(int(np.prod(shapes[k])) for k, d in reader.get_variable_to_dtype_map().items()
+        int8_gb[n] = sum(int(np.prod(shapes[k])) for k, d in reader.get_variable_to_dtype_map().items()
                          if d == tf.int8) / 1e9
         for way, calls in SERVING_CALLS.items():
-            rows[(n, way)] = (serving_peak(fp32_dir, calls), serving_peak(int8_dir, calls), int8_bytes)
+            rows[(n, way)] = (serving_peak(fp32_dir, calls), serving_peak(int8_dir, calls))
             print(f"{n} layer(s), {way}: FP32 {rows[(n, way)][0]:.2f} GB, INT8 {rows[(n, way)][1]:.2f} GB", flush=True)
 
     print("\n| way of serving | layers | FP32 peak RSS GB | INT8 peak RSS GB |")
     print("|---|---|---|---|")
-    for (n, way), (fp32, int8, _) in rows.items():
+    for (n, way), (fp32, int8) in rows.items():
         print(f"| {way} | {n} | {fp32:.2f} | {int8:.2f} |")
     if len(layers) >= 2:
         lo, hi = min(layers), max(layers)
-        per_layer_int8 = (rows[(hi, "all")][2] - rows[(lo, "all")][2]) / (hi - lo)
+        per_layer_int8 = (int8_gb[hi] - int8_gb[lo]) / (hi - lo)
         print(f"\nPer added layer ({lo} -> {hi} layers; its int8 weights: {per_layer_int8:.3f} GB):")
         print("| way of serving | FP32 GB per layer | INT8 GB per layer | INT8 / its int8 weights "
               f"| projected for {GPTJ_6B_LAYERS} layers: FP32 GB | INT8 GB |")

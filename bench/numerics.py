@@ -61,7 +61,7 @@ def conversion_differences(reference, other):
 def worker(fp32_dir, int8_dir, dump):
     """Score both models on the evaluation set, and dump the int8 kernels' outputs on 8 passages."""
     import tensorflow as tf
-    from gptj_int8 import benchmark, data, models, savedmodel
+    from gptj_int8 import benchmark, data, int8_matmul, models, savedmodel
     tok = models.load_tokenizer(fp32_dir)
     seqs = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET), models.context_length(fp32_dir))
     batches = data.batches(seqs, 8, tok.pad_token_id)
@@ -69,9 +69,8 @@ def worker(fp32_dir, int8_dir, dump):
               for d in (fp32_dir, int8_dir)]
     loaded, functions = savedmodel.load_signatures(int8_dir)
     graph = savedmodel.extract_serving_graph(loaded, functions["serving_default"])
-    # each int8 kernel's float output: the inner product's own, the convolution's after its scale
-    kernels = sorted(n.name if n.op == "_QuantizedMatMul" else n.name.rsplit("/", 1)[0] + "/scaled"
-                     for n in graph.graph_def.node if n.op in ("_QuantizedMatMul", "_FusedQuantizedConv2D"))
+    kernels = sorted(int8_matmul.kernel_output(n) for n in graph.graph_def.node
+                     if n.op in int8_matmul.KERNEL_OPS.values())
     outputs = graph.function(fetches=kernels)(*map(tf.constant, batches[0][:2]))
     np.savez(dump, **{k.replace("/", "|"): v.numpy() for k, v in zip(kernels, outputs)})
     print(json.dumps({"agreement": benchmark.argmax_agreement(*logits),

@@ -25,6 +25,12 @@ KERNEL_OPS = {MATMUL: "_QuantizedMatMul", CONV: "_FusedQuantizedConv2D"}
 DEFAULT_FORM = CONV
 
 
+def kernel_output(node):
+    """The name of the float [M, N] output of an int8 kernel node (an op of KERNEL_OPS): the inner
+    product's own, the convolution's after its column scale."""
+    return node.name if node.op == KERNEL_OPS[MATMUL] else f"{node.name.rsplit('/', 1)[0]}/scaled"
+
+
 def kernel_groups(graph, sites):
     """{activation: [sites]}: the MatMuls that become one kernel, those reading one tensor, each
     group in the order of its variables' names, so every signature asks the store for the same
