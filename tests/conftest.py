@@ -1,7 +1,14 @@
 """Shared fixtures: a tiny random GPT-J exported by prepare_model.py, converted once per flag set."""
+import contextlib
+import gc
+import io
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -20,14 +27,56 @@ CONVERSIONS = {**FLAG_SETS, "timed": []}
 CONVERSION_ARGS = ["--calib_samples", "16"]
 
 
-def run_script(script, *args, cwd, check=True):
-    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+def run_script(script, *args, cwd, check=True, fresh_process=False):
+    """Run one of the project's scripts with these arguments, as `python <script> <args>` in cwd would;
+    returns a CompletedProcess (returncode, stdout, stderr).
+
+    By default the script runs inside the test process: its own __main__ block, argv, cwd, stdout,
+    stderr and root logger, restored afterwards. That saves the 10-15 s each new process spends
+    importing TensorFlow and transformers, which was most of the suite's time. fresh_process=True runs
+    it as a new Python process instead, for what only a process shows (signals, what reaches the
+    terminal) or for code that changes process-wide state (Intel Neural Compressor)."""
+    argv = [str(REPO / script), *map(str, args)]
+    if fresh_process:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=900)
+    else:
+        proc = _run_in_process(argv, cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _run_in_process(argv, cwd):
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved = (sys.argv, list(sys.path), os.getcwd(), root.handlers[:], root.level,
+             signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    returncode = 0
+    try:
+        sys.argv = argv
+        sys.path.insert(0, str(Path(argv[0]).parent))
+        os.chdir(cwd)
+        root.handlers = []                 # so the script's logging.basicConfig writes to its stderr
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                returncode = 1 if isinstance(e.code, str) else (e.code or 0)
+            except BaseException:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv, sys.path[:], cwd_before = saved[0], saved[1], saved[2]
+        os.chdir(cwd_before)
+        root.handlers, root.level = saved[3], saved[4]
+        signal.signal(signal.SIGINT, saved[5])
+        signal.signal(signal.SIGTERM, saved[6])
+        gc.collect()                       # the script's models, before the next test loads its own
+    return subprocess.CompletedProcess(argv, returncode, out.getvalue(), err.getvalue())
 
 
 def saved_model_cli_run(model, signature, input_exprs):

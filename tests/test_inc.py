@@ -20,7 +20,7 @@ def inc_converted(tmp_path_factory, tiny_fp32):
     cwd = tmp_path_factory.mktemp("inc")
     model, out_dir = cwd / "converted-inc", cwd / "output-inc"
     run_script("quantize.py", "--engine", "inc", "--input_model", tiny_fp32, "--converted_model", model,
-               "--output_dir", out_dir, "--calib_samples", "16", cwd=cwd)
+               "--output_dir", out_dir, "--calib_samples", "16", cwd=cwd, fresh_process=True)
     return model, out_dir, cwd
 
 
