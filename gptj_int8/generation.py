@@ -4,14 +4,18 @@
                      -> logits [batch, seq, vocab] float32
     prefill          input_ids, attention_mask [batch, seq] int32 (left-padded)
                      -> logits [batch, vocab] (the next token's), past_key_values
-    decode           input_ids [batch, 1], attention_mask [batch, past + 1], past_key_values
-                     -> logits [batch, vocab], past_key_values (one position longer)
+    decode           input_ids [batch, new], attention_mask [batch, past + new], past_key_values
+                     -> logits [batch, vocab], past_key_values (with the new positions written)
     generate         input_ids, attention_mask [batch, seq] (left-padded), max_new_tokens int32 scalar
                      -> sequences [batch, seq + max_new_tokens] int32 (the prompt, then greedy tokens)
 
-past_key_values is float32 [n_layer, 2 (key, value), batch, n_head, past, head_dim]: the keys and
-values of every position so far. Each step returns it one position longer (a concat), measured
-against a cache preallocated to the context and written in place by bench/generation.py.
+past_key_values is float32 [n_layer, 2 (key, value), batch, n_head, capacity, head_dim]: the keys
+and values of every position so far, the first attention_mask-width positions in use and room
+after them (kv_cache.py). Each step writes its positions into the cache it is given and returns it,
+copied into a larger one only every kv_cache.CHUNK positions: a cache passed to decode is spent,
+use the one it returns. (Models exported before the cache was written in place return a cache
+exactly as long as the positions in use, grown by a concat at every step; both kinds run with this
+module's loops.)
 Positions come from the attention mask (the count of real tokens before each one), so a
 left-padded prompt gets the positions it would have alone.
 """
@@ -88,7 +92,7 @@ def greedy_generate(decode, eos_token_id, n_positions):
 
         loop = (tf.constant(0), input_ids, done, attention_mask, past, tokens)
         invariants = (tf.TensorShape([]), tf.TensorShape([None, None]), done.shape, tf.TensorShape([None, None]),
-                      tf.TensorShape([past.shape[0], 2, None, past.shape[3], None, past.shape[5]]),
+                      tf.TensorShape([None] * 6),   # a converted decode returns the cache without static dims
                       tf.TensorShape(None))
         n, *_, tokens = tf.while_loop(more, step, loop, shape_invariants=invariants)
         new = tf.transpose(tokens.stack())

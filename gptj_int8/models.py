@@ -5,7 +5,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from . import generation
+from . import generation, kv_cache
 from .cli import UserError
 
 log = logging.getLogger(__name__)
@@ -114,25 +114,27 @@ def gptj_from_checkpoint(checkpoint):
 
 
 def step_functions(model):
-    """The prefill and decode signatures of a TFGPTJForCausalLM (see generation.py). Only the last
-    position goes through the lm_head: generation needs no other logits."""
+    """The prefill and decode signatures of a TFGPTJForCausalLM (see generation.py), over a cache
+    written in place (kv_cache.py). Only the last position goes through the lm_head: generation
+    needs no other logits."""
     cfg = model.config
-    cache = generation.cache_spec(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head)
+    head_dim = cfg.n_embd // cfg.n_head
+    cache = generation.cache_spec(cfg.n_layer, cfg.n_head, head_dim)
 
     def next_token(input_ids, attention_mask, past):
-        out = model.transformer(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=generation.positions(attention_mask, tf.shape(input_ids)[1]),
-                                past_key_values=past, use_cache=True, training=False)
-        logits = model.lm_head(out.last_hidden_state[:, -1, :])
-        return {"logits": logits, generation.CACHE: tf.stack([tf.stack(kv) for kv in out.past_key_values])}
+        past = kv_cache.ensure_capacity(past, tf.shape(attention_mask)[1])
+        hidden, past = kv_cache.forward(model, input_ids, attention_mask,
+                                        generation.positions(attention_mask, tf.shape(input_ids)[1]), past)
+        return {"logits": model.lm_head(hidden), generation.CACHE: past}
 
     @tf.function(input_signature=generation.input_specs(generation.PREFILL, cache))
     def prefill(input_ids, attention_mask):
-        return next_token(input_ids, attention_mask, None)
+        return next_token(input_ids, attention_mask,
+                          kv_cache.empty(cfg.n_layer, tf.shape(input_ids)[0], cfg.n_head, head_dim))
 
     @tf.function(input_signature=generation.input_specs(generation.DECODE, cache))
     def decode(input_ids, attention_mask, past_key_values):
-        return next_token(input_ids, attention_mask, [tf.unstack(kv) for kv in tf.unstack(past_key_values)])
+        return next_token(input_ids, attention_mask, past_key_values)
 
     return {generation.PREFILL: prefill, generation.DECODE: decode}
 
