@@ -48,50 +48,57 @@ def _rotary(attn, x, sincos):
     return tf.concat([apply_rotary_pos_emb(x[..., :attn.rotary_dim], sincos), x[..., attn.rotary_dim:]], -1)
 
 
+def attend(flat, layer, rows, q, k, v, visible, padding, scale, cache_shape):
+    """One layer's attention over the cache: writes k and v ([batch, head, new, head_dim]) into the
+    2-D view `flat` at `rows` (layer 0's key rows of the new positions) and returns (the attention
+    output [batch, head, new, head_dim], flat with them written)."""
+    n_layer, _, batch, n_head, capacity, head_dim = tf.unstack(cache_shape)
+    per_kv = batch * n_head * capacity
+    flat = tf.raw_ops.InplaceUpdate(x=flat, i=tf.concat([rows + 2 * layer * per_kv, rows + (2 * layer + 1) * per_kv], 0),
+                                    v=tf.reshape(tf.stack([k, v]), [-1, head_dim]))
+    # this layer's keys and values: a slice along the first axis, which TensorFlow aliases
+    kv = tf.reshape(flat, [n_layer * 2, batch, n_head, capacity, head_dim])[2 * layer:2 * layer + 2]
+    # transformers masks unseen keys with -1e9 before scaling and padding with -10000 after: the same here
+    scores = tf.where(visible, tf.matmul(q, kv[0], transpose_b=True), -1e9) / scale + padding
+    return tf.matmul(tf.nn.softmax(scores + 1e-9, axis=-1), kv[1]), flat
+
+
+def masks(attention_mask, new, capacity):
+    """(visible [new, capacity]: written, and not in the new position's future; padding [batch, 1, 1,
+    capacity]: -10000 at padding, as transformers adds it) for the last `new` positions of attention_mask."""
+    width = tf.shape(attention_mask)[1]
+    visible = tf.range(capacity)[None, :] <= (width - new + tf.range(new))[:, None]
+    padding = tf.pad(1.0 - tf.cast(attention_mask, tf.float32), [[0, 0], [0, capacity - width]])
+    return visible, (padding * -10000.0)[:, None, None, :]
+
+
+def key_rows(batch, n_head, capacity, first, new):
+    """Rows of the cache's 2-D view [n_layer * 2 * batch * n_head * capacity, head_dim] where layer 0's
+    keys of positions first .. first + new - 1 go, in (batch, head, position) order; other layers
+    and the values are offsets of these."""
+    rows = tf.range(batch * n_head)[:, None] * capacity + (first + tf.range(new))[None, :]
+    return tf.reshape(rows, [-1])
+
+
 def forward(model, input_ids, attention_mask, position_ids, cache):
     """GPT-J over the last input_ids.shape[1] positions of attention_mask, the earlier ones read from
     `cache` (capacity >= attention_mask's width). Returns (the last position's hidden state
     [batch, n_embd] after ln_f, the cache with the new positions written)."""
     t = model.transformer
-    n_layer = len(t.h)
     batch, new = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
-    width = tf.shape(attention_mask)[1]
     shape = tf.shape(cache)
-    n_head, capacity, head_dim = shape[3], shape[4], shape[5]
-
-    # Which keys each new position sees: written (< width), not padding, not in its future. transformers
-    # masks future keys with -1e9 before scaling and padding with -10000 after: the same here.
-    key_pos = tf.range(capacity)
-    causal = key_pos[None, :] <= (width - new + tf.range(new))[:, None]                  # [new, capacity]
-    padding = tf.pad(1.0 - tf.cast(attention_mask, tf.float32), [[0, 0], [0, capacity - width]])
-    padding = (padding * -10000.0)[:, None, None, :]                                   # [batch, 1, 1, capacity]
-
-    # Rows of the cache's 2-D view [n_layer * 2 * batch * n_head * capacity, head_dim] that the new
-    # positions of layer 0's keys go to, in (batch, head, position) order; other layers and the
-    # values are offsets of these.
-    rows = (tf.range(batch * n_head)[:, None] * capacity + (width - new + tf.range(new))[None, :])
-    rows = tf.reshape(rows, [-1])
-    per_kv = batch * n_head * capacity
-    flat = tf.reshape(cache, [-1, head_dim])
-
+    visible, padding = masks(attention_mask, new, shape[4])
+    rows = key_rows(batch, shape[3], shape[4], tf.shape(attention_mask)[1] - new, new)
+    flat = tf.reshape(cache, [-1, shape[5]])
     hidden = t.wte(input_ids, mode="embedding")
     for layer, block in enumerate(t.h):
         attn = block.attn
         x = block.ln_1(hidden)
         sincos = tf.split(tf.gather(attn.embed_positions, position_ids, axis=0), 2, axis=-1)
-        q = _rotary(attn, attn._split_heads(attn.q_proj(x), True), sincos)
-        k = _rotary(attn, attn._split_heads(attn.k_proj(x), True), sincos)
-        v = attn._split_heads(attn.v_proj(x), True)
-        q = tf.transpose(q, (0, 2, 1, 3))                                                  # [batch, head, new, dim]
-        written = tf.reshape(tf.transpose(tf.stack([k, v]), (0, 1, 3, 2, 4)), [-1, head_dim])
-        flat = tf.raw_ops.InplaceUpdate(x=flat, i=tf.concat([rows + (2 * layer) * per_kv,
-                                                               rows + (2 * layer + 1) * per_kv], 0), v=written)
-        # this layer's keys and values: a slice along the first axis, which TensorFlow aliases
-        kv = tf.reshape(flat, [n_layer * 2, batch, n_head, capacity, head_dim])[2 * layer:2 * layer + 2]
-        scores = tf.matmul(q, kv[0], transpose_b=True)
-        scores = tf.where(causal[None, None], scores, -1e9) / attn.scale_attn + padding
-        weights = tf.nn.softmax(scores + 1e-9, axis=-1)
-        out = attn.out_proj(attn._merge_heads(tf.matmul(weights, kv[1])))
-        hidden = out + block.mlp(x) + hidden
+        q, k = (tf.transpose(_rotary(attn, attn._split_heads(proj(x), True), sincos), (0, 2, 1, 3))
+                for proj in (attn.q_proj, attn.k_proj))
+        v = attn._split_heads(attn.v_proj(x), False)
+        out, flat = attend(flat, layer, rows, q, k, v, visible[None, None], padding, attn.scale_attn, shape)
+        hidden = attn.out_proj(attn._merge_heads(out)) + block.mlp(x) + hidden
     hidden = t.ln_f(hidden[:, -1:, :])[:, 0]          # ln_f was built for [batch, seq, n_embd]
     return hidden, tf.reshape(flat, shape)

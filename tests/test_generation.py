@@ -50,6 +50,39 @@ def test_cached_steps_give_the_logits_of_recomputation(tiny_fp32):
         np.testing.assert_allclose(logits[0], full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_decode_writes_the_cache_in_place_and_grows_it_in_chunks(which, tiny_fp32, converted_fused):
+    """A decode step writes its position into the cache it is given (the caller's buffer changes) and
+    returns a cache of the same capacity, until the positions outgrow it: then one of the next
+    multiple of kv_cache.CHUNK. Across that boundary every step still gives the logits of
+    serving_default on the whole sequence (the same int8 kernels and ranges in INT8)."""
+    from gptj_int8 import kv_cache
+    model = tiny_fp32 if which == "fp32" else converted_fused[1]
+    _, sig = _signatures(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 4096, (2, kv_cache.CHUNK + 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0                                        # a left-padded row
+    full = sig["serving_default"](input_ids=tf.constant(ids), attention_mask=tf.constant(mask))["logits"].numpy()
+    start = kv_cache.CHUNK - 4
+    out = sig["prefill"](input_ids=tf.constant(ids[:, :start]), attention_mask=tf.constant(mask[:, :start]))
+    cache = out["past_key_values"]
+    assert cache.shape[4] == kv_cache.CHUNK
+    for t in range(start, ids.shape[1]):
+        before = cache.numpy()
+        out = sig["decode"](input_ids=tf.constant(ids[:, t:t + 1]), attention_mask=tf.constant(mask[:, :t + 1]),
+                            past_key_values=cache)
+        after_call = cache.numpy()
+        if t < kv_cache.CHUNK:
+            assert out["past_key_values"].shape[4] == kv_cache.CHUNK
+            assert not np.array_equal(before[..., t, :], after_call[..., t, :])    # written where it was
+            np.testing.assert_array_equal(before[..., :t, :], after_call[..., :t, :])
+        else:
+            assert out["past_key_values"].shape[4] == 2 * kv_cache.CHUNK
+        cache = out["past_key_values"]
+        np.testing.assert_allclose(out["logits"].numpy(), full[:, t], rtol=1e-4, atol=1e-4)
+
+
 def test_fp32_generate_equals_greedy_recomputation_on_the_bundled_model(bundled_fp32):
     model = bundled_fp32
     _, sig = _signatures(model)
