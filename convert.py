@@ -115,7 +115,14 @@ class ConvertSavedModel:
         if fused and not self.force_int8:
             found, forms = self._choose_kernels(graphs, found, functions)
 
-        store = weights.Int8Weights(self.per_channel)    # one int8 copy of each weight for all signatures
+        # one int8 copy of each weight for all signatures; an FP32 weight no signature reads in FP32 any
+        # more is freed as soon as its int8 copy exists, so the conversion never holds both
+        only, other = set(), set()
+        for name, graph in graphs.items():
+            o, x = sites.int8_only_weights(graph, found[name], sites.find_embeddings(graph))
+            only |= o
+            other |= x
+        store = weights.Int8Weights(self.per_channel, release=only - other)
         for name, graph in graphs.items():
             if fused:
                 activations = {s.activation for s in found[name]}

@@ -144,6 +144,32 @@ def find_pair_inputs(graph, ops):
     return found
 
 
+def int8_only_weights(graph, sites, embeddings):
+    """(ids of the variables whose every read in `graph` is the weight of one of `sites` or the table
+    of one of `embeddings`, ids of the variables read otherwise). Once the int8 copies of the first
+    exist, this graph needs no FP32 value of them."""
+    index = GraphIndex(graph.graph_def)
+    allowed = {(s.matmul, 1) for s in sites} | {(gather, 0) for gather, _ in embeddings}
+
+    def read_only_as_allowed(name):
+        for consumer in index.consumers[name]:
+            for i, tensor in enumerate(consumer.input):
+                if tensor.startswith("^") or node_name(tensor) != name:
+                    continue
+                if consumer.op in ("Identity", "ReadVariableOp"):
+                    if not read_only_as_allowed(consumer.name):
+                        return False
+                elif (consumer.name, i) not in allowed:
+                    return False
+        return True
+
+    only, other = set(), set()
+    for holder, value in graph.feeds.items():
+        if isinstance(value, tf.Variable):
+            (only if read_only_as_allowed(holder) else other).add(id(value))
+    return only, other
+
+
 def find_embeddings(graph):
     """(ResourceGather node, placeholder) for embedding lookups of a float weight variable."""
     index = GraphIndex(graph.graph_def)

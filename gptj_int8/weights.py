@@ -100,11 +100,28 @@ class ScaledRows:
 
 class Int8Weights:
     """The int8 variables of one conversion. A weight read by several signatures (serving_default,
-    prefill, decode) is quantized once and stored once: the same key gives the same variable."""
+    prefill, decode) is quantized once and stored once: the same key gives the same variable.
 
-    def __init__(self, per_channel):
+    The FP32 variables whose ids are in `release` are emptied as soon as their int8 copy exists, so
+    a conversion holds each weight once, FP32 or int8 (the caller knows that nothing reads them in
+    FP32 afterwards: sites.int8_only_weights)."""
+
+    def __init__(self, per_channel, release=()):
         self.per_channel = per_channel
+        self.release = set(release)
         self._made = {}
+        self._released = set()
+
+    def _check_not_released(self, w):
+        if id(w) in self._released:
+            raise RuntimeError(f"{w.name} was released after its int8 copy was made, and is read again")
+
+    def _free(self, variables):
+        """Empty the variables to release (their buffers go back to the OS; a later read fails)."""
+        for w in variables:
+            if id(w) in self.release and id(w) not in self._released:
+                tf.raw_ops.AssignVariableOp(resource=w.handle, value=tf.zeros([0], w.dtype), validate_shape=False)
+                self._released.add(id(w))
 
     def matmul(self, graph, sites):
         """The weights of `sites` side by side as one int8 variable [K, sum of N], with the
@@ -115,6 +132,7 @@ class Int8Weights:
             parts = []
             for site in sites:
                 w = graph.feeds[site.weight]
+                self._check_not_released(w)
                 q, absmax = quantize_symmetric(w if site.row_scale is None else ScaledRows(w, site.row_scale),
                                                axis=0 if self.per_channel else None)
                 parts.append((q, np.broadcast_to(absmax, (q.shape[1],))))
@@ -124,17 +142,22 @@ class Int8Weights:
             name = f"{sites[0].matmul if len(sites) == 1 else sites[0].activation}_int8".replace("/", "_").replace(":", "_")
             self._made[key] = (tf.Variable(q, trainable=False, name=name), absmax,
                                q.sum(axis=0, dtype=np.int64))
+            del q
+            self._free(graph.feeds[s.weight] for s in sites)
         return self._made[key]
 
     def embedding(self, table):
         """(int8 table, float32 scale per row) variables of an embedding table."""
         key = ("embedding", id(table))
         if key not in self._made:
+            self._check_not_released(table)
             q, absmax = quantize_symmetric(table, axis=1)
             name = table.name.split(":")[0].replace("/", "_")
             self._made[key] = (tf.Variable(q, trainable=False, name=f"{name}_int8"),
                                tf.Variable((absmax / 127.0).astype(np.float32), trainable=False,
                                            name=f"{name}_row_scale"))
+            del q
+            self._free([table])
         return self._made[key]
 
 

@@ -1,5 +1,7 @@
 """The int8 kernels and weight storage, checked against float64 arithmetic, at small sizes; and a
 model whose weights exceed protobuf's 2 GB, converted without them ever entering a GraphDef."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -39,6 +41,28 @@ def test_fused_int8_matmul_matches_float64(shift, with_bias, per_channel, form):
     out = _run(fused)
     rel = np.abs(out - ref).mean() / np.abs(ref).mean()
     assert rel < 0.03, rel
+
+
+def test_a_weight_read_only_by_its_int8_kernel_is_freed_once_its_int8_copy_exists():
+    """What lets a conversion hold each weight once: the FP32 variable is emptied when its int8 copy
+    is made, the kernel still computes the product, and a later FP32 read fails loudly. A weight
+    some node reads in FP32 (here: a MatMul that stays FP32) is not released."""
+    rng = np.random.RandomState(1)
+    x = rng.randn(8, 64).astype(np.float32)
+    w = (rng.randn(64, 32) * 0.1).astype(np.float32)
+    graph = savedmodel.matmul_graph(x, w, None)
+    found = sites.find_matmul_sites(graph)
+    variable = graph.feeds[found[0].weight]
+    assert sites.int8_only_weights(graph, [], []) == (set(), {id(variable)})
+    only, other = sites.int8_only_weights(graph, found, [])
+    assert only == {id(variable)} and not other
+    store = weights.Int8Weights(per_channel=True, release=only)
+    fused = int8_matmul.fuse_int8_matmuls(graph, found, {"x": (float(x.min()), float(x.max()))}, store)
+    assert variable.numpy().size == 0
+    out = _run(savedmodel.prune(fused))
+    assert np.abs(out - x @ w).mean() / np.abs(x @ w).mean() < 0.03
+    with pytest.raises(RuntimeError, match="released"):      # another int8 form of it (SmoothQuant's)
+        store.matmul(graph, [dataclasses.replace(found[0], row_scale=np.full(64, 2.0, np.float32))])
 
 
 @pytest.mark.parametrize("rows", [1, 8, 128])
