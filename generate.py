@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptj_int8 import cli, generation, models, savedmodel
+from gptj_int8 import cli, generation, memory, models, savedmodel
 
 log = logging.getLogger("generate")
 DEFAULT_MODEL = models.default_converted_dir(models.default_export_dir(models.BUNDLED_MODEL))
@@ -59,6 +59,9 @@ def main():
     p.add_argument("--top_p", type=probability, default=1.0,
                    help="with --do_sample: only the likeliest tokens whose probabilities add up to p")
     p.add_argument("--seed", type=int, default=None, help="with --do_sample: the random seed")
+    p.add_argument("--max_memory_gb", type=cli.positive_float, default=None,
+                   help="memory this run may use (default: what the OS reports available); a model that needs "
+                        "more is refused before it is loaded")
     args = p.parse_args()
     if args.do_sample and args.temperature <= 0:
         raise cli.UserError(f"--temperature must be positive with --do_sample, got {args.temperature}")
@@ -70,6 +73,7 @@ def main():
     context = models.context_length(model)
     if args.max_new_tokens >= context:
         raise cli.UserError(f"--max_new_tokens {args.max_new_tokens} does not fit the context of {context} tokens")
+    memory.check_fits([model], generation.STEPS, args.max_memory_gb, consequence="generate.py cannot load it")
     loaded, _ = savedmodel.load_serving_function(model)
     if not generation.has_generation(loaded):
         raise cli.UserError(f"{model} has no generation signatures (prefill, decode, generate); "

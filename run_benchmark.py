@@ -6,7 +6,15 @@ Accuracy is the original example's metric: the argmax of the logits at the posit
 passage's last token equals that token. LAMBADA's last-word accuracy (every token of the last
 word predicted greedily), 95% confidence intervals, the agreement and KL divergence of the two
 models and a paired test of their accuracy difference are printed after the blocks.
-The two models are timed call by call in turn, on CPU.
+The two models are timed call by call in turn, on CPU, when memory holds both; when it holds only
+one (what the OS reports available, the cgroup's limit, --max_memory_gb), they are scored, timed and
+made to generate one at a time, with the same accuracy figures; when it cannot hold one alone, the
+run is refused before loading. The output says which way it timed.
+
+Each scored passage is recorded as it goes, under <output_dir>/scores/: the same command after an
+interruption (Ctrl-C, kill) continues where it stopped, with the figures of an uninterrupted run
+(timings are measured anew). A changed model, dataset or flag that scoring depends on scores
+afresh, as does --fresh.
 
 When both models have the generation signatures, each also continues --gen_samples prompts (the
 context before a passage's last word) by --max_new_tokens greedy tokens, the two in turn prompt
@@ -16,15 +24,11 @@ Writes <output_dir>/results.json and <output_dir>/results.png.
 """
 import argparse
 import json
-import logging
 import os
 from pathlib import Path
 
-import numpy as np
+from gptj_int8 import cli, data, evaluation, memory, models, savedmodel
 
-from gptj_int8 import benchmark, cli, data, generation, models, savedmodel
-
-log = logging.getLogger("run_benchmark")
 DEFAULT_MODEL = models.default_export_dir(models.BUNDLED_MODEL)
 
 
@@ -58,26 +62,6 @@ def write_chart(results, path):
     os.replace(tmp, path)
 
 
-def benchmark_generation(original, converted, sequences, args, max_length):
-    """Generation figures: (FP32's, INT8's, the pair's) dicts, or None (and a log line) when a model
-    has no generation signatures."""
-    missing = [name for name, m in (("original", original), ("converted", converted))
-               if not generation.has_generation(m)]
-    if missing:
-        log.info("no generation benchmark: the %s model has no generation signatures "
-                 "(re-export it with prepare_model.py)", " and ".join(missing))
-        return None
-    room = max_length - args.max_new_tokens
-    prompts = [ids[:-n][-room:] for ids, n in sequences[:args.gen_samples]]
-    steps = [(m.signatures[generation.PREFILL], m.signatures[generation.DECODE]) for m in (original, converted)]
-    fp32, int8 = benchmark.compare_generation(steps, prompts, args.max_new_tokens)
-    pair = {"generation_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-            "teacher_forced_agreement": int8.pop("teacher_forced_agreement"),
-            "common_prefix": int8.pop("common_prefix"),
-            "next_token_speedup": fp32["next_token_ms"] / int8["next_token_ms"] if int8["next_token_ms"] else None}
-    return fp32, int8, pair
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input_model", default=str(DEFAULT_MODEL), help="the FP32 SavedModel")
@@ -92,46 +76,24 @@ def main():
     p.add_argument("--gen_samples", type=cli.non_negative_int, default=50,
                    help="prompts to continue with generation (0: no generation benchmark)")
     p.add_argument("--max_new_tokens", type=cli.positive_int, default=32, help="greedy tokens per prompt")
+    p.add_argument("--max_memory_gb", type=cli.positive_float, default=None,
+                   help="memory this run may use (default: what the OS reports available): both models together "
+                        "when they fit, else one at a time, else refused")
+    p.add_argument("--fresh", action="store_true", help="score every passage again, even if <output_dir>/scores holds them")
     args = p.parse_args()
 
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or models.default_converted_dir(input_model))
     for path in (input_model, converted):
         savedmodel.check_saved_model_dir(path)
-    original, original_fn = savedmodel.load_serving_function(input_model)
-    converted_obj, converted_fn = savedmodel.load_serving_function(converted)
     tokenizer = models.load_tokenizer(input_model)
     max_length = models.context_length(input_model)
     sequences = data.encode_passages(tokenizer, data.load_passages(args.dataset, args.num_samples), max_length)
-    batches = data.batches(sequences, args.batch_size, tokenizer.pad_token_id)
-
-    logits_a, token_a, word_a = benchmark.evaluate(original_fn, batches, "FP32")
-    logits_b, token_b, word_b = benchmark.evaluate(converted_fn, batches, "INT8")
-    seconds = benchmark.time_models([original_fn, converted_fn], batches, args.warmup, args.iterations)
-
-    results = {}
-    for name, token_hits, word_hits, secs in (("original", token_a, word_a, seconds[0]),
-                                              ("converted", token_b, word_b, seconds[1])):
-        latency = float(np.mean(secs))
-        n = len(token_hits)
-        results[name] = {"accuracy": float(token_hits.mean()),
-                         "accuracy_ci95": benchmark.wilson_interval(int(token_hits.sum()), n),
-                         "last_word_accuracy": float(word_hits.mean()),
-                         "last_word_accuracy_ci95": benchmark.wilson_interval(int(word_hits.sum()), n),
-                         "num_samples": n,
-                         "latency_ms": latency * 1000, "throughput": args.batch_size / latency}
-    results["agreement"] = benchmark.argmax_agreement(logits_a, logits_b)
-    results["logit_cosine"] = benchmark.logit_cosine(logits_a, logits_b)
-    results["kl_divergence"] = benchmark.mean_kl_divergence(logits_a, logits_b)
-    results["accuracy_diff_pvalue"] = benchmark.mcnemar_pvalue(token_a, token_b)
-    results["speedup"] = results["original"]["latency_ms"] / results["converted"]["latency_ms"]
-    generated = args.gen_samples and benchmark_generation(original, converted_obj, sequences, args, max_length)
-    if generated:
-        results["original"].update(generated[0])
-        results["converted"].update(generated[1])
-        results.update(generated[2])
-    results["size_mb"] = {"original": savedmodel.saved_model_size(input_model) / 1e6,
-                          "converted": savedmodel.saved_model_size(converted) / 1e6}
+    settings = evaluation.Settings(args.dataset, args.num_samples, args.batch_size, args.warmup, args.iterations,
+                                   args.gen_samples, args.max_new_tokens, args.max_memory_gb, args.fresh)
+    results = evaluation.evaluate_pair({"original": input_model, "converted": converted}, sequences,
+                                       tokenizer.pad_token_id, max_length, args.output_dir, settings)
+    generated = "generation_prompts" in results
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +117,13 @@ def main():
           f"KL {results['kl_divergence']:.5f} nats, accuracy difference p={results['accuracy_diff_pvalue']:.3f} "
           f"(McNemar), speed-up {results['speedup']:.2f}x, "
           f"size {results['size_mb']['converted']:.1f} MB vs {results['size_mb']['original']:.1f} MB")
+    together, available = (memory.gb(results["memory"][k] * 1e9) for k in ("together_gb", "available_gb"))
+    if results["timing"] == memory.INTERLEAVED:
+        print(f"timing: interleaved, FP32 and INT8 call by call in turn (together they need {together} GB "
+              f"of {available} GB available)")
+    else:
+        print(f"timing: one at a time, FP32 then INT8 (together they would need {together} GB, {available} GB "
+              f"available: {results['memory']['limit']})")
     if generated:
         print(f"generation, {results['generation_prompts']} prompts x {results['max_new_tokens']} greedy tokens, batch 1:")
         for name in ("original", "converted"):

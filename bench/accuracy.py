@@ -52,6 +52,7 @@ def main():
     encoded = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET), models.context_length(fp32_dir))
     batches = data.batches(encoded, args.batch_size, tok.pad_token_id)
     timing = data.batches(encoded[:args.iterations], 1, tok.pad_token_id)
+    common.check_memory(fp32_dir, signatures=["serving_default"])
     fp32_obj, fp32 = savedmodel.load_serving_function(fp32_dir)
     logits_a, token_a, word_a = benchmark.evaluate(fp32, batches, "FP32")
 
@@ -65,6 +66,7 @@ def main():
             conversion = convert(fp32_dir, out, output_dir, flags, label)
         else:
             conversion = json.loads((output_dir / "conversion.json").read_text())
+        common.check_memory(fp32_dir, out, signatures=["serving_default"])
         int8_obj, int8 = savedmodel.load_serving_function(out)
         logits_b, token_b, word_b = benchmark.evaluate(int8, batches, label)
         t_fp32, t_int8 = benchmark.time_models([fp32, int8], timing, 3, len(timing))

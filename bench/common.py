@@ -70,6 +70,17 @@ def prepare(name, n_layer=None):
     return out
 
 
+def check_memory(*model_dirs, signatures=None):
+    """Exit with one line, before loading them, when these SavedModels cannot be held together here
+    (gptj_int8.memory's estimate; every signature called when `signatures` is None)."""
+    from gptj_int8 import memory
+    from gptj_int8.cli import UserError
+    try:
+        memory.check_fits(model_dirs, signatures or memory.ALL_SIGNATURES, consequence="not loading it here")
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
+
+
 def timing_batch(model_dir, seq_len=128):
     """One (input_ids, attention_mask) of `seq_len` real tokens from the bundled passages."""
     from gptj_int8 import data, models
@@ -125,6 +136,7 @@ DECODE_CALL = ("ids = BATCH[0][:, :32]\n"
 def model_code(model_dir, body):
     """Python for a process of its own: load the SavedModel `model_dir` as `m` (with numpy as np,
     tensorflow as tf, gptj_int8's generation and this folder's common imported), then run `body`."""
+    check_memory(model_dir)
     return (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
             "import gptj_int8, common, numpy as np, tensorflow as tf\n"
             "from gptj_int8 import generation\n"

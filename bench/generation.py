@@ -125,6 +125,7 @@ def main():
     for name, n_layer in [m for m in MODELS if m[0] in args.models]:
         fp32_dir = common.prepare(name, n_layer)
         int8_dir = common.converted(name, args.fresh)
+        common.check_memory(fp32_dir, int8_dir)
         loaded = [tf.saved_model.load(str(d)) for d in (fp32_dir, int8_dir)]
         steps = [(m.signatures["prefill"], m.signatures["decode"]) for m in loaded]
         eos_token_id, _ = models.generation_settings(fp32_dir)
@@ -176,6 +177,7 @@ def main():
         common.print_matmul_rows(common.matmul_times(shapes, m), FP32_MATMULS, INT8_MATMULS, f"{m} | ")
 
     fp32_dir, int8_dir = common.prepare("bundled-gptj-kjv"), common.converted("bundled-gptj-kjv")
+    common.check_memory(fp32_dir, int8_dir)
     loaded = [tf.saved_model.load(str(d)) for d in (fp32_dir, int8_dir)]
     steps = [(m.signatures["prefill"], m.signatures["decode"]) for m in loaded]
     print("\nBundled model, next token ms after a prompt of 16 and of 200 tokens (batch 1, 32 new tokens):")

@@ -112,6 +112,7 @@ def bench_quantize(layers):
         src = common.prepare(f"gptj-6b-width-{n}l", n)
         dst = RUNS / f"converted_gptj-6b-width-{n}l-memory"
         peak, seconds = quantize_peak(src, dst)
+        common.check_memory(src, dst, signatures=["serving_default"])
         fp32_obj, fp32 = savedmodel.load_serving_function(src)
         int8_obj, int8 = savedmodel.load_serving_function(dst)
         cos, agree = common.fidelity(fp32, int8, common.timing_batch(src))

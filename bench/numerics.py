@@ -65,6 +65,8 @@ def worker(fp32_dir, int8_dir, dump):
     tok = models.load_tokenizer(fp32_dir)
     seqs = data.encode_passages(tok, data.load_passages(data.EVALUATION_SET), models.context_length(fp32_dir))
     batches = data.batches(seqs, 8, tok.pad_token_id)
+    for d in (fp32_dir, int8_dir):
+        common.check_memory(d, signatures=["serving_default"])
     logits = [benchmark.evaluate(tf.saved_model.load(str(d)).signatures["serving_default"], batches, str(d))[0]
               for d in (fp32_dir, int8_dir)]
     loaded, functions = savedmodel.load_signatures(int8_dir)

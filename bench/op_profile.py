@@ -27,6 +27,7 @@ def op_times(model_dir, seq_len, iterations):
     """{signature: {op type: (median ms per run, ops per run)}} for serving_default and decode."""
     import tensorflow as tf
     ids, mask = common.timing_batch(model_dir, seq_len)[:2]
+    common.check_memory(model_dir)
     result = {}
     with tf.compat.v1.Session(graph=tf.Graph()) as sess:
         meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(model_dir))

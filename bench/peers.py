@@ -82,6 +82,7 @@ VNNI = bool(cli.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 class SavedModelRow:
     def __init__(self, model_dir):
         import tensorflow as tf
+        common.check_memory(model_dir)
         self.loaded = tf.saved_model.load(str(model_dir))
         self.serve = self.loaded.signatures[generation.SERVING]
         self.decode = self.loaded.signatures[generation.DECODE]

@@ -38,6 +38,7 @@ def main():
     for name, n_layer in MODELS:
         fp32_dir = common.prepare(name, n_layer)
         int8_dir = common.converted(name, args.fresh)
+        common.check_memory(fp32_dir, int8_dir, signatures=["serving_default"])
         fp32_obj, fp32 = savedmodel.load_serving_function(fp32_dir)
         int8_obj, int8 = savedmodel.load_serving_function(int8_dir)
         batch = common.timing_batch(fp32_dir)

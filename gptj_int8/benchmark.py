@@ -47,13 +47,23 @@ def time_models(fns, batches, warmup, iterations, progress=True):
     return [np.array(s) for s in seconds]
 
 
-def logit_cosine(a, b):
+def logit_cosine_rows(a, b):
+    """Cosine of each row of logits with its pair."""
     a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
-    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def argmax_agreement_rows(a, b):
+    """Whether each row's argmax equals its pair's."""
+    return a.reshape(-1, a.shape[-1]).argmax(-1) == b.reshape(-1, b.shape[-1]).argmax(-1)
+
+
+def logit_cosine(a, b):
+    return float(np.mean(logit_cosine_rows(a, b)))
 
 
 def argmax_agreement(a, b):
-    return float(np.mean(a.reshape(-1, a.shape[-1]).argmax(-1) == b.reshape(-1, b.shape[-1]).argmax(-1)))
+    return float(np.mean(argmax_agreement_rows(a, b)))
 
 
 def wilson_interval(hits, n, z=1.959964):
@@ -66,13 +76,30 @@ def wilson_interval(hits, n, z=1.959964):
     return [float(centre - half), float(centre + half)]
 
 
-def mean_kl_divergence(logits_p, logits_q):
-    """Mean KL(p || q) in nats of the softmax distributions, row by row."""
+def kl_divergence_rows(logits_p, logits_q):
+    """KL(p || q) in nats of the softmax distributions, row by row."""
     def log_softmax(x):
         x = x.astype(np.float64) - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
     lp, lq = log_softmax(logits_p), log_softmax(logits_q)
-    return float(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def mean_kl_divergence(logits_p, logits_q):
+    """Mean KL(p || q) in nats of the softmax distributions, row by row."""
+    return float(np.mean(kl_divergence_rows(logits_p, logits_q)))
+
+
+def paired_logit_figures(logits_a, logits_b, rows=256):
+    """{agreement, logit_cosine, kl_divergence} of two models' last-token logits [n, vocab], read
+    `rows` at a time (they may be memory-mapped records larger than memory allows at float64);
+    the same figures as argmax_agreement, logit_cosine and mean_kl_divergence on the whole."""
+    parts = [(argmax_agreement_rows(a, b), logit_cosine_rows(a, b), kl_divergence_rows(a, b))
+             for a, b in ((np.asarray(logits_a[i:i + rows]), np.asarray(logits_b[i:i + rows]))
+                          for i in range(0, len(logits_a), rows))]
+    agree, cosine, kl = (np.concatenate(p) for p in zip(*parts))
+    return {"agreement": float(np.mean(agree)), "logit_cosine": float(np.mean(cosine)),
+            "kl_divergence": float(np.mean(kl))}
 
 
 def mcnemar_pvalue(hits_a, hits_b):
@@ -87,14 +114,22 @@ def mcnemar_pvalue(hits_a, hits_b):
 
 
 def compare_generation(steps, prompts, max_new_tokens, warmup=1):
-    """Greedy generation of `max_new_tokens` from each prompt (batch 1) by each model in `steps`
-    ([(prefill, decode)], the reference first), model by model in turn for every prompt, so that a
-    noisy machine slows each alike. EOS does not stop it: every run makes the same number of tokens.
+    """generate_greedily's figures for models loaded together, the first of `steps` the reference."""
+    return generate_greedily(steps, prompts, max_new_tokens, warmup)[0]
 
-    Returns per model {first_token_ms (median), next_token_ms (median), tokens_per_s}, and for each
-    other model against the first: `teacher_forced_agreement`, the share of its greedy tokens equal
-    to the reference's when both continue the reference's text, and `common_prefix`, the mean
-    number of leading tokens its own free-running continuation shares with the reference's."""
+
+def generate_greedily(steps, prompts, max_new_tokens, warmup=1, reference=None):
+    """Greedy generation of `max_new_tokens` from each prompt (batch 1) by each model in `steps`
+    ([(prefill, decode)]), model by model in turn for every prompt, so that a noisy machine slows
+    each alike. EOS does not stop it: every run makes the same number of tokens.
+
+    The reference is the first model of `steps`, or, when the models run one at a time, `reference`:
+    its greedy tokens [prompts, max_new_tokens] from an earlier call, against which every model of
+    `steps` is compared. Returns (figures, tokens): per model {first_token_ms (median), next_token_ms
+    (median), tokens_per_s} and, for each model compared with the reference,
+    `teacher_forced_agreement`, the share of its greedy tokens equal to the reference's when both
+    continue the reference's text, and `common_prefix`, the mean number of leading tokens its own
+    free-running continuation shares with the reference's; and per model its greedy tokens."""
     from . import generation
 
     def run(prefill, decode, ids, forced=None):
@@ -109,18 +144,18 @@ def compare_generation(steps, prompts, max_new_tokens, warmup=1):
     for ids in prompts[:warmup]:
         for prefill, decode in steps:
             run(prefill, decode, np.array([ids], np.int32))
-    times = [[] for _ in steps]
-    agree = [[] for _ in steps]
-    prefix = [[] for _ in steps]
-    for ids in tqdm(prompts, desc="generating", unit="prompt"):
+    times, tokens, agree, prefix = ([[] for _ in steps] for _ in range(4))
+    for p, ids in enumerate(tqdm(prompts, desc="generating", unit="prompt")):
         ids = np.array([ids], np.int32)
         outs = [run(prefill, decode, ids) for prefill, decode in steps]
+        ref = outs[0][1] if reference is None else reference[p]
         for m, (prefill, decode) in enumerate(steps):
             times[m].append(outs[m][0])
-            if m:
-                _, forced = run(prefill, decode, ids, forced=outs[0][1][None, :])
-                agree[m].append(forced == outs[0][1])
-                same = outs[m][1] == outs[0][1]
+            tokens[m].append(outs[m][1])
+            if m or reference is not None:
+                _, forced = run(prefill, decode, ids, forced=ref[None, :])
+                agree[m].append(forced == ref)
+                same = outs[m][1] == ref
                 prefix[m].append(len(same) if same.all() else int(np.argmin(same)))
     results = []
     for m in range(len(steps)):
@@ -128,8 +163,8 @@ def compare_generation(steps, prompts, max_new_tokens, warmup=1):
         r = {"first_token_ms": float(np.median(t[:, 0]) * 1000),
              "next_token_ms": float(np.median(t[:, 1:]) * 1000) if t.shape[1] > 1 else None,
              "tokens_per_s": float(t.size / t.sum())}
-        if m:
+        if agree[m]:
             r["teacher_forced_agreement"] = float(np.mean(np.concatenate(agree[m])))
             r["common_prefix"] = float(np.mean(prefix[m]))
         results.append(r)
-    return results
+    return results, [np.stack(t) for t in tokens]

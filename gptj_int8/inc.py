@@ -12,12 +12,12 @@ import shutil
 import time
 from pathlib import Path
 
-import psutil
 import tensorflow as tf
 
 from . import savedmodel
 from .cli import UserError
 from .graph import make_node
+from .memory import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +78,6 @@ def itex_installed():
 def estimate_peak_rss(model_bytes):
     """Bytes of memory INC's quantize_model is expected to peak at for a SavedModel of `model_bytes`."""
     return INC_PEAK_BASE_BYTES + INC_PEAK_PER_MODEL_BYTE * model_bytes
-
-
-def _cgroup_memory_left():
-    """Bytes this process's cgroup (v2) may still allocate, or None without a limit."""
-    try:
-        cgroup = Path("/proc/self/cgroup").read_text().strip().splitlines()[0].split(":", 2)[2]
-        folder = Path("/sys/fs/cgroup") / cgroup.lstrip("/")
-        limit = (folder / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((folder / "memory.current").read_text())
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def available_memory(max_memory_gb=None):
-    """Bytes this run may use: what the OS reports available, within the cgroup's limit and
-    `max_memory_gb` (a user's own cap, e.g. on a machine shared with other jobs)."""
-    candidates = [psutil.virtual_memory().available + psutil.Process().memory_info().rss,
-                  _cgroup_memory_left()]
-    if max_memory_gb is not None:
-        candidates.append(max_memory_gb * 1e9)
-    return min(c for c in candidates if c is not None)
 
 
 def check_fits(model_dir, max_memory_gb=None):

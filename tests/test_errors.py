@@ -147,10 +147,21 @@ def test_bad_dataset_files(tmp_path, tiny_fp32, content, words):
 
 
 @pytest.mark.parametrize("flag, value", [("--num_samples", "0"), ("--batch_size", "-2"),
-                                          ("--iterations", "ten"), ("--warmup", "-1")])
+                                          ("--iterations", "ten"), ("--warmup", "-1"), ("--max_memory_gb", "0")])
 def test_bad_numbers(tmp_path, flag, value):
     proc = run_script("run_benchmark.py", flag, value, cwd=tmp_path, check=False)
     _fails_cleanly(proc, flag)
+
+
+def test_generate_py_refuses_a_model_it_cannot_hold(tmp_path, converted_fused):
+    from gptj_int8 import generation, memory
+    model = converted_fused[1]
+    need = memory.serving_need(model, generation.STEPS)
+    limit = round(need / 2e9, 2)
+    proc = run_script("generate.py", "--model", model, "--max_memory_gb", limit, cwd=tmp_path, check=False)
+    _fails_cleanly(proc, f"the INT8 model {model} needs {memory.gb(need)} GB and {memory.gb(limit * 1e9)} GB "
+                         f"is available (--max_memory_gb {limit:g}): generate.py cannot load it")
+    assert proc.stdout == ""
 
 
 def test_passages_longer_than_the_context_are_cut_and_counted(tmp_path, tiny_fp32):
