@@ -12,8 +12,10 @@ generation). ONEDNN_VERBOSE, in another process, shows which int8 kernels run in
 
 Then: the bare matmuls of one GPT-J-6B-width layer and the lm_head at M=1 and M=8 (what decode
 multiplies), the bundled model's next-token time at a 16- and a 200-token prompt (the cache
-saves recomputation), and the KV cache's own cost per step in the layout the models use (a
-concat that grows) against one preallocated to the context and written in place.
+saves recomputation), and long contexts (also alone, --long_context_only): the next token after
+64 and after 1984 positions through decode and generate, the KV cache's own cost per step and
+layer (written in place, as the models do, against the former concat), and the peak RSS of a
+process generating a full context of 2048 tokens.
 """
 import argparse
 import time
@@ -75,28 +77,219 @@ def peak_rss_gb(model_dir, batch, new_tokens):
         f"{new_tokens}): pass\n")), f"generation in {model_dir}")
 
 
-def cache_step_ms(n_layer, n_head, head_dim, past, context, iterations=10):
-    """ms per step of the cache alone at batch 1: (a concat that grows from `past` positions, as
-    the decode signature does; a cache of `context` positions written at one, as a preallocated
-    layout would), each called as a signature is, its cache coming in and going out as tensors."""
+def cache_step_ms(batch, past, n_head=16, head_dim=256, iterations=10):
+    """ms per step and layer of the KV cache at GPT-J-6B's shape, `past` positions so far: (the models'
+    in-place write and the attention over the cache (kv_cache.attend), the former layout: a concat
+    that grows, then the same attention), each a function called as a signature is, its cache
+    coming in and going out. The attention's two matmuls read the whole cache in both."""
     import tensorflow as tf
-    grow = tf.function(lambda cache, new: tf.concat([cache, new], axis=4))
-    write = tf.function(lambda cache, new, pos: tf.raw_ops.TensorStridedSliceUpdate(
-        input=cache, begin=tf.stack([0, 0, 0, 0, pos, 0]), end=tf.stack([n_layer, 2, 1, n_head, pos + 1, head_dim]),
-        strides=tf.ones([6], tf.int32), value=new))
-    new = tf.random.normal([n_layer, 2, 1, n_head, 1, head_dim])
+    from gptj_int8 import kv_cache
+
+    @tf.function
+    def in_place(cache, mask, q, k, v):
+        cache = kv_cache.ensure_capacity(cache, tf.shape(mask)[1])
+        shape = tf.shape(cache)
+        visible, padding = kv_cache.masks(mask, 1, shape[4])
+        rows = kv_cache.key_rows(shape[2], shape[3], shape[4], tf.shape(mask)[1] - 1, 1)
+        out, flat = kv_cache.attend(tf.reshape(cache, [-1, head_dim]), 0, rows, q, k, v, visible[None, None],
+                                    padding, head_dim ** 0.5, shape)
+        return out, tf.reshape(flat, shape)
+
+    @tf.function
+    def concat(cache, mask, q, k, v):
+        keys, values = tf.concat([cache[0, 0], k], 2), tf.concat([cache[0, 1], v], 2)
+        scores = tf.matmul(q, keys, transpose_b=True) / head_dim ** 0.5
+        return tf.matmul(tf.nn.softmax(scores), values), tf.stack([tf.stack([keys, values])])
+
+    q, k, v = (tf.random.normal([batch, n_head, 1, head_dim]) for _ in range(3))
+    mask = tf.ones([batch, past + 1], tf.int32)
     out = []
-    for fn, cache, extra in ((grow, tf.random.normal([n_layer, 2, 1, n_head, past, head_dim]), ()),
-                             (write, tf.random.normal([n_layer, 2, 1, n_head, context, head_dim]), (tf.constant(past),))):
-        fn(cache, new, *extra)
+    for fn, length in ((in_place, kv_cache.capacity_for(past + 1)), (concat, past)):
+        cache = tf.random.normal([1, 2, batch, n_head, length, head_dim])
+        fn(cache, mask, q, k, v)
         times = []
         for _ in range(iterations):
             start = time.perf_counter()
-            fn(cache, new, *extra).numpy()[0, 0, 0, 0, 0, 0]
+            fn(cache, mask, q, k, v)[0].numpy()
             times.append(time.perf_counter() - start)
         out.append(common.median_ms(times))
         del cache
     return out
+
+
+def write_candidates_ms(past=1984, capacity=2048, steps=8, n_head=16, head_dim=256):
+    """Per way TensorFlow offers to write one position's keys into a cache of `capacity` positions
+    inside a tf.while_loop (batch 1, GPT-J-6B's head shape, `past` positions in), then read them
+    with one query as the attention does: (label, ms per step). The first row is the read alone; a
+    write that copies the cache, or whose buffer cannot be reused while a reader holds it, adds a
+    copy of the cache to it. (Without the read, the optimiser drops the writes: nothing to time.)"""
+    import tensorflow as tf
+    new = tf.random.normal([1, n_head, 1, head_dim])
+    query = tf.random.normal([1, n_head, 1, head_dim])
+    attend = lambda keys: tf.reduce_sum(tf.matmul(query, keys, transpose_b=True))
+
+    def scatter(cache, pos):
+        index = tf.stack([tf.zeros([n_head], tf.int32), tf.range(n_head), tf.fill([n_head], pos)], 1)
+        return tf.tensor_scatter_nd_update(cache, index, new[0, :, 0])
+
+    def strided(cache, pos):
+        return tf.raw_ops.TensorStridedSliceUpdate(input=cache, begin=tf.stack([0, 0, pos, 0]),
+                                                   end=tf.stack([1, n_head, pos + 1, head_dim]),
+                                                   strides=[1, 1, 1, 1], value=new)
+
+    def in_place(cache, pos):
+        rows = tf.range(n_head) * capacity + pos
+        flat = tf.raw_ops.InplaceUpdate(x=tf.reshape(cache, [-1, head_dim]), i=rows, v=new[0, :, 0])
+        return tf.reshape(flat, tf.shape(cache))
+
+    def concat(cache, pos):
+        return tf.concat([cache, new], axis=2)
+
+    def per_step(loop, *args):
+        loop(*args).numpy()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            loop(*args).numpy()
+            times.append(time.perf_counter() - start)
+        return min(times) / steps * 1000
+
+    def loop_of(write):
+        @tf.function
+        def loop(keys):
+            def body(i, total, keys):
+                keys = write(keys, past + i)
+                return i + 1, total + attend(keys), keys
+            return tf.while_loop(lambda i, *_: i < steps, body, (0, 0.0, keys),
+                                 shape_invariants=(tf.TensorShape([]), tf.TensorShape([]), tf.TensorShape(None)))[1]
+        return loop
+
+    full = tf.random.normal([1, n_head, capacity, head_dim])
+    rows = [(label, per_step(loop_of(write), cache))
+            for label, write, cache in (
+                ("the read alone, no write", lambda cache, pos: cache, full),
+                ("InplaceUpdate on a 2-D view (the models' way)", in_place, full),
+                ("tensor_scatter_nd_update", scatter, full),
+                ("TensorStridedSliceUpdate", strided, full),
+                ("concat that grows (the former layout)", concat, full[:, :, :past]))]
+
+    variable = tf.Variable(full)
+
+    @tf.function
+    def variable_loop():
+        total = 0.0
+        for i in tf.range(steps):
+            variable[:, :, past + i].assign(new[:, :, 0])
+            total += attend(variable)
+        return total
+
+    @tf.function
+    def array_loop():
+        cache = tf.TensorArray(tf.float32, size=capacity, element_shape=[1, n_head, head_dim])
+        total = 0.0
+        for i in tf.range(steps):
+            cache = cache.write(past + i, new[:, :, 0])
+            total += attend(tf.transpose(cache.stack(), [1, 2, 0, 3]))
+        return total
+
+    rows.append(("tf.Variable, sliced assign (one cache shared by every call)", per_step(variable_loop)))
+    rows.append(("TensorArray, an element per position (read: stacked)", per_step(array_loop)))
+    return rows
+
+
+def decode_step_ms(decodes, n_layer, batch, past, iterations=8):
+    """Per decode signature of `decodes` (FP32, INT8 of one model), the median ms of a step after
+    `past` positions: the cache is filled with random keys and values (a step costs the same whatever
+    they are), each step passes the returned cache on, models in turn step by step."""
+    import tensorflow as tf
+    from gptj_int8 import kv_cache
+    caches = [tf.random.normal([n_layer, 2, batch, 16, kv_cache.capacity_for(past + iterations + 1), 256])
+              for _ in decodes]
+    ids = tf.zeros([batch, 1], tf.int32)
+    times = [[] for _ in decodes]
+    for step in range(iterations + 1):
+        mask = tf.ones([batch, past + step + 1], tf.int32)
+        for m, decode in enumerate(decodes):
+            start = time.perf_counter()
+            out = decode(input_ids=ids, attention_mask=mask, past_key_values=caches[m])
+            out["logits"].numpy()
+            if step:
+                times[m].append(time.perf_counter() - start)
+            caches[m] = out["past_key_values"]
+    return [common.median_ms(t) for t in times]
+
+
+def long_context(name, n_layer, batches, contexts=(64, 1984), new_tokens=17):
+    """Rows (model, batch, way, FP32 ms at each context, INT8 ms at each context) of the next token
+    after a short and a long context: the decode signature (a host loop) at every batch, and the
+    `generate` signature at batch 1 (a 1984-token prompt runs through the model in each call)."""
+    import tensorflow as tf
+    from gptj_int8 import models
+    fp32_dir, int8_dir = common.prepare(name, n_layer), common.converted(name)
+    common.check_memory(fp32_dir, int8_dir)
+    loaded = [tf.saved_model.load(str(d)) for d in (fp32_dir, int8_dir)]
+    rows = []
+    for batch in batches:
+        by_context = [decode_step_ms([m.signatures["decode"] for m in loaded], n_layer, batch, c) for c in contexts]
+        rows.append((name, batch, "decode", *zip(*by_context)))
+    eos_token_id, _ = models.generation_settings(fp32_dir)
+    rng = np.random.default_rng(0)
+    by_context = []
+    for c in contexts:
+        # a short warm-up batch, then one of the context's length (tokens other than EOS)
+        batches_1 = [rng.integers(0, eos_token_id, (1, n), dtype=np.int32) for n in (8, c)]
+        by_context.append(generate_token_ms([m.signatures["generate"] for m in loaded], batches_1, new_tokens,
+                                            eos_token_id))
+    rows.append((name, 1, "generate", *zip(*by_context)))
+    return rows
+
+
+def rss_while_generating(model_dir, total=2048, prompt=32):
+    """(peak RSS GB of a process generating `total` - `prompt` tokens through `generate` at batch 1, of
+    one generating 16): what the cache of a full context adds to a process."""
+    out = []
+    for new in (total - prompt, 16):
+        out.append(common.peak_rss_gb_of(common.model_code(model_dir, (
+            f"ids = np.array(common.token_windows({str(model_dir)!r}, 1, {prompt}), np.int32)\n"
+            "m.signatures['generate'](input_ids=tf.constant(ids), attention_mask=tf.constant(np.ones_like(ids)), "
+            f"max_new_tokens=tf.constant({new}))['sequences'].numpy()\n")), f"generation in {model_dir}"))
+    return out
+
+
+def print_long_context(args):
+    contexts = (64, 1984)
+    rows = [r for name, n_layer in MODELS if n_layer and name in args.models
+            for r in long_context(name, n_layer, args.batches, contexts)]
+    print(f"\nNext token after a context of {contexts[0]} and of {contexts[1]} positions, GPT-J-6B's width "
+          "(decode: a step over a cache of that many random positions, median of 8; generate: "
+          "per token of 17 after a prompt of that length, EOS never reached):")
+    print("| model | batch | called through | FP32 ms at 64 | FP32 ms at 1984 | FP32 1984/64 "
+          "| INT8 ms at 64 | INT8 ms at 1984 | INT8 1984/64 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, batch, way, (f_short, i_short), (f_long, i_long) in rows:
+        print(f"| {name} | {batch} | {way} | {f_short:.1f} | {f_long:.1f} | {f_long / f_short:.2f}x "
+              f"| {i_short:.1f} | {i_long:.1f} | {i_long / i_short:.2f}x |")
+    print("\nWriting one position's keys into a 2048-position cache inside a tf.while_loop, then reading them "
+          "with one query (batch 1, 1984 positions in, 16 heads of 256), ms per step:")
+    print("| way | write, then the attention's read of the keys |")
+    print("|---|---|")
+    for label, ms in write_candidates_ms():
+        print(f"| {label} | {ms:.2f} |")
+    print("\nKV cache alone, ms per step and layer at GPT-J-6B's shape (16 heads of 256): written in place "
+          "and read by the attention, against the former layout grown by a concat:")
+    print("| batch | positions so far | cache MB per layer | in place + attention | concat + attention |")
+    print("|---|---|---|---|---|")
+    for batch in args.batches:
+        for past in (64, 512, 1984):
+            in_place, concat = cache_step_ms(batch, past)
+            print(f"| {batch} | {past} | {2 * batch * 16 * past * 256 * 4 / 1e6:.0f} | {in_place:.2f} | {concat:.2f} |")
+    name = "gptj-6b-width-1l"
+    print(f"\nPeak RSS GB of a process generating 2016 tokens after a 32-token prompt through `generate` "
+          f"({name}, batch 1), against one generating 16:")
+    for label, model_dir in (("FP32", common.prepare(name, 1)), ("INT8", common.converted(name))):
+        full, short = rss_while_generating(model_dir)
+        print(f"- {label}: {full:.2f} GB against {short:.2f} GB (+{(full - short) * 1000:.0f} MB; the cache of "
+              f"2048 positions is {2 * 16 * 2048 * 256 * 4 / 1e6:.0f} MB per layer)")
 
 
 def main():
@@ -107,6 +300,9 @@ def main():
     p.add_argument("--models", nargs="+", default=[name for name, _ in MODELS], help="a subset of the models")
     p.add_argument("--fresh", action="store_true", help="convert again even if a model exists")
     p.add_argument("--rss_only", action="store_true", help="only the peak RSS of each model's generation process")
+    p.add_argument("--long_context_only", action="store_true",
+                   help="only the next token after a short and a long context, the cache alone, and the peak RSS "
+                        "while generating a full context")
     args = p.parse_args()
     import tensorflow as tf
     from gptj_int8 import models
@@ -119,6 +315,10 @@ def main():
             fp32_dir, int8_dir = common.prepare(name, n_layer), common.converted(name, args.fresh)
             print(f"| {name} | {peak_rss_gb(fp32_dir, max(args.batches), args.new_tokens):.2f} "
                   f"| {peak_rss_gb(int8_dir, max(args.batches), args.new_tokens):.2f} |", flush=True)
+        return
+
+    if args.long_context_only:
+        print_long_context(args)
         return
 
     rows, kernels = [], {}
@@ -189,13 +389,7 @@ def main():
         print(f"- {label}: {by_length[16][m]:.2f} ms at 16, {by_length[200][m]:.2f} ms at 200 "
               f"({by_length[200][m] / by_length[16][m]:.2f}x)")
 
-    print("\nKV cache alone, ms per step and layer at GPT-J-6B's shape (16 heads of 256, batch 1), "
-          "context 2048:")
-    print("| positions so far | grows by concat (ours) | preallocated, written in place |")
-    print("|---|---|---|")
-    for past in (64, 512, 1984):
-        grow, write = cache_step_ms(1, 16, 256, past, 2048)
-        print(f"| {past} | {grow:.2f} | {write:.2f} |")
+    print_long_context(args)
 
 
 if __name__ == "__main__":

@@ -169,7 +169,12 @@ def _inline_functions(fn):
     config = config_pb2.ConfigProto()
     config.graph_options.rewrite_options.min_graph_nodes = -1
     config.graph_options.rewrite_options.optimizers.append("function")
-    return tf_optimizer.OptimizeGraph(config, meta)
+    graph_def = tf_optimizer.OptimizeGraph(config, meta)
+    # Debug info names the traced functions by a per-process counter: without it, the same model
+    # gives the same graph however many were converted before it in the process.
+    for node in graph_def.node:
+        node.ClearField("experimental_debug_info")
+    return graph_def
 
 
 def extract_serving_graph(loaded, fn, signature=SIGNATURE):
