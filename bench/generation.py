@@ -219,28 +219,33 @@ def decode_step_ms(decodes, n_layer, batch, past, iterations=8):
     return [common.median_ms(t) for t in times]
 
 
-def long_context(name, n_layer, batches, contexts=(64, 1984), new_tokens=17):
+def long_context(name, n_layer, batches, contexts=(64, 1984), with_generate=False, new_tokens=65, repeats=3):
     """Rows (model, batch, way, FP32 ms at each context, INT8 ms at each context) of the next token
-    after a short and a long context: the decode signature (a host loop) at every batch, and the
-    `generate` signature at batch 1 (a 1984-token prompt runs through the model in each call)."""
+    after a short and a long context: through the decode signature (a host loop) at every batch, and
+    with `with_generate` through the `generate` signature at batch 1, where every call runs its prompt
+    through the model first: per token (a call for `new_tokens` - a call for one) / (`new_tokens` - 1),
+    the median of `repeats`."""
     import tensorflow as tf
     from gptj_int8 import models
     fp32_dir, int8_dir = common.prepare(name, n_layer), common.converted(name)
     common.check_memory(fp32_dir, int8_dir)
     loaded = [tf.saved_model.load(str(d)) for d in (fp32_dir, int8_dir)]
     rows = []
+
+    def add(batch, way, by_context):          # by_context: [[FP32 ms, INT8 ms] per context]
+        rows.append((name, batch, way, [c[0] for c in by_context], [c[1] for c in by_context]))
+
     for batch in batches:
-        by_context = [decode_step_ms([m.signatures["decode"] for m in loaded], n_layer, batch, c) for c in contexts]
-        rows.append((name, batch, "decode", *zip(*by_context)))
-    eos_token_id, _ = models.generation_settings(fp32_dir)
-    rng = np.random.default_rng(0)
-    by_context = []
-    for c in contexts:
-        # a short warm-up batch, then one of the context's length (tokens other than EOS)
-        batches_1 = [rng.integers(0, eos_token_id, (1, n), dtype=np.int32) for n in (8, c)]
-        by_context.append(generate_token_ms([m.signatures["generate"] for m in loaded], batches_1, new_tokens,
-                                            eos_token_id))
-    rows.append((name, 1, "generate", *zip(*by_context)))
+        add(batch, "decode", [decode_step_ms([m.signatures["decode"] for m in loaded], n_layer, batch, c)
+                              for c in contexts])
+    if with_generate:
+        eos_token_id, _ = models.generation_settings(fp32_dir)
+        rng = np.random.default_rng(0)
+        # a short warm-up prompt, then `repeats` of the context's length (tokens other than EOS)
+        add(1, "generate", [generate_token_ms([m.signatures["generate"] for m in loaded],
+                                              [rng.integers(0, eos_token_id, (1, n), dtype=np.int32)
+                                               for n in (8, *[c] * repeats)], new_tokens, eos_token_id)
+                            for c in contexts])
     return rows
 
 
@@ -259,14 +264,14 @@ def rss_while_generating(model_dir, total=2048, prompt=32):
 def print_long_context(args):
     contexts = (64, 1984)
     rows = [r for name, n_layer in MODELS if n_layer and name in args.models
-            for r in long_context(name, n_layer, args.batches, contexts)]
+            for r in long_context(name, n_layer, args.batches, contexts, with_generate=n_layer == 1)]
     print(f"\nNext token after a context of {contexts[0]} and of {contexts[1]} positions, GPT-J-6B's width "
-          "(decode: a step over a cache of that many random positions, median of 8; generate: "
-          "per token of 17 after a prompt of that length, EOS never reached):")
+          "(decode: a step over a cache of that many random positions, median of 8 steps; generate, 1 layer: "
+          "per token of 65 after a prompt of that length, median of 3 calls):")
     print("| model | batch | called through | FP32 ms at 64 | FP32 ms at 1984 | FP32 1984/64 "
           "| INT8 ms at 64 | INT8 ms at 1984 | INT8 1984/64 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, batch, way, (f_short, i_short), (f_long, i_long) in rows:
+    for name, batch, way, (f_short, f_long), (i_short, i_long) in rows:
         print(f"| {name} | {batch} | {way} | {f_short:.1f} | {f_long:.1f} | {f_long / f_short:.2f}x "
               f"| {i_short:.1f} | {i_long:.1f} | {i_long / i_short:.2f}x |")
     print("\nWriting one position's keys into a 2048-position cache inside a tf.while_loop, then reading them "
