@@ -219,7 +219,7 @@ def decode_step_ms(decodes, n_layer, batch, past, iterations=8):
     return [common.median_ms(t) for t in times]
 
 
-def long_context(name, n_layer, batches, contexts=(64, 1984), with_generate=False, new_tokens=65, repeats=3):
+def long_context(name, n_layer, batches, contexts=(64, 1984), with_generate=False, new_tokens=64, repeats=3):
     """Rows (model, batch, way, FP32 ms at each context, INT8 ms at each context) of the next token
     after a short and a long context: through the decode signature (a host loop) at every batch, and
     with `with_generate` through the `generate` signature at batch 1, where every call runs its prompt
@@ -267,7 +267,7 @@ def print_long_context(args):
             for r in long_context(name, n_layer, args.batches, contexts, with_generate=n_layer == 1)]
     print(f"\nNext token after a context of {contexts[0]} and of {contexts[1]} positions, GPT-J-6B's width "
           "(decode: a step over a cache of that many random positions, median of 8 steps; generate, 1 layer: "
-          "per token of 65 after a prompt of that length, median of 3 calls):")
+          "per token of 64 after a prompt of that length, median of 3 calls):")
     print("| model | batch | called through | FP32 ms at 64 | FP32 ms at 1984 | FP32 1984/64 "
           "| INT8 ms at 64 | INT8 ms at 1984 | INT8 1984/64 |")
     print("|---|---|---|---|---|---|---|---|---|")
