@@ -198,10 +198,12 @@ def extract_serving_graph(loaded, fn, signature=SIGNATURE):
 def prune(graph):
     """Drop every node the outputs do not depend on (e.g. reads of weights replaced by int8).
 
-    Inlining leaves control edges from every variable read to the function's output; they only
-    order reads, and they would keep the replaced FP32 weights alive, so they are not followed
+    Inlining leaves control edges from every variable read (and, in a model saved from a loaded
+    one, from every variable handle passed into a nested function) to the function's output; they
+    only order reads, and they would keep the replaced FP32 weights alive, so they are not followed
     and not kept. `graph` itself is left as it was."""
-    reads = {n.name for n in graph.graph_def.node if n.op == "ReadVariableOp"}
+    reads = {n.name for n in graph.graph_def.node if n.op == "ReadVariableOp"
+             or (n.op == "Identity" and n.attr["T"].type == tf.resource.as_datatype_enum)}
     inputs = {n.name: [i for i in n.input if not (i.startswith("^") and i[1:] in reads)]
               for n in graph.graph_def.node}
     names, stack = set(), [*map(node_name, graph.outputs.values()), *graph.inputs.values()]
@@ -300,6 +302,10 @@ def save_serving_graph(graphs, out_dir, extra_files=(), eos_token_id=None, n_pos
         graphs = {SIGNATURE: graphs}
     out_dir = Path(out_dir).resolve()
     variables = list({id(v): v for g in graphs.values() for v in g.variables()}.values())
+    released = [v.name for v in variables
+                if v.shape.num_elements() and not tf.raw_ops.VariableShape(input=v.handle).numpy().prod()]
+    if released:
+        raise RuntimeError(f"the converted graph still reads FP32 weights freed after quantization: {released[:3]}")
     need = (sum(v.shape.num_elements() * v.dtype.size for v in variables)
             + sum(g.graph_def.ByteSize() for g in graphs.values()))
     free = shutil.disk_usage(out_dir.parent if out_dir.parent.exists() else Path.cwd()).free
