@@ -265,15 +265,16 @@ def print_long_context(args):
     contexts = (64, 1984)
     rows = [r for name, n_layer in MODELS if n_layer and name in args.models
             for r in long_context(name, n_layer, args.batches, contexts, with_generate=n_layer == 1)]
-    print(f"\nNext token after a context of {contexts[0]} and of {contexts[1]} positions, GPT-J-6B's width "
-          "(decode: a step over a cache of that many random positions, median of 8 steps; generate, 1 layer: "
-          "per token of 64 after a prompt of that length, median of 3 calls):")
-    print("| model | batch | called through | FP32 ms at 64 | FP32 ms at 1984 | FP32 1984/64 "
-          "| INT8 ms at 64 | INT8 ms at 1984 | INT8 1984/64 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, batch, way, (f_short, f_long), (i_short, i_long) in rows:
-        print(f"| {name} | {batch} | {way} | {f_short:.1f} | {f_long:.1f} | {f_long / f_short:.2f}x "
-              f"| {i_short:.1f} | {i_long:.1f} | {i_long / i_short:.2f}x |")
+    if rows:            # only when models of GPT-J-6B's width were chosen
+        print(f"\nNext token after a context of {contexts[0]} and of {contexts[1]} positions, GPT-J-6B's width "
+              "(decode: a step over a cache of that many random positions, median of 8 steps; generate, 1 layer: "
+              "per token of 64 after a prompt of that length, median of 3 calls):")
+        print("| model | batch | called through | FP32 ms at 64 | FP32 ms at 1984 | FP32 1984/64 "
+              "| INT8 ms at 64 | INT8 ms at 1984 | INT8 1984/64 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, batch, way, (f_short, f_long), (i_short, i_long) in rows:
+            print(f"| {name} | {batch} | {way} | {f_short:.1f} | {f_long:.1f} | {f_long / f_short:.2f}x "
+                  f"| {i_short:.1f} | {i_long:.1f} | {i_long / i_short:.2f}x |")
     print("\nWriting one position's keys into a 2048-position cache inside a tf.while_loop, then reading them "
           "with one query (batch 1, 1984 positions in, 16 heads of 256), ms per step:")
     print("| way | write, then the attention's read of the keys |")
@@ -289,6 +290,8 @@ def print_long_context(args):
             in_place, concat = cache_step_ms(batch, past)
             print(f"| {batch} | {past} | {2 * batch * 16 * past * 256 * 4 / 1e6:.0f} | {in_place:.2f} | {concat:.2f} |")
     name = "gptj-6b-width-1l"
+    if name not in args.models:
+        return
     print(f"\nPeak RSS GB of a process generating 2016 tokens after a 32-token prompt through `generate` "
           f"({name}, batch 1), against one generating 16:")
     for label, model_dir in (("FP32", common.prepare(name, 1)), ("INT8", common.converted(name))):
