@@ -22,6 +22,8 @@ left-padded prompt gets the positions it would have alone.
 import numpy as np
 import tensorflow as tf
 
+from . import kv_cache
+
 SERVING, PREFILL, DECODE, GENERATE = "serving_default", "prefill", "decode", "generate"
 STEPS = (PREFILL, DECODE)
 CACHE = "past_key_values"
@@ -53,7 +55,7 @@ def empty_cache(decode, batch):
     function): the prompt goes through decode as the first step of generation."""
     specs = getattr(decode, "input_signature", None) or decode.structured_input_signature[0]
     n_layer, _, _, n_head, _, head_dim = specs[INPUTS[DECODE].index(CACHE)].shape
-    return tf.zeros([n_layer, 2, batch, n_head, 0, head_dim], tf.float32)
+    return kv_cache.empty(n_layer, batch, n_head, head_dim)
 
 
 def greedy_generate(decode, eos_token_id, n_positions):
@@ -105,8 +107,10 @@ def greedy_generate(decode, eos_token_id, n_positions):
 ##### Host-driven generation over the prefill and decode signatures #####
 
 
-def has_generation(loaded):
-    return all(name in loaded.signatures for name in (*STEPS, GENERATE))
+def has_generation(signatures):
+    """Whether a model's signatures (a loaded model's `.signatures`, or its SignatureDefs) include
+    the generation ones."""
+    return all(name in signatures for name in (*STEPS, GENERATE))
 
 
 def left_pad(prompts, pad_id):

@@ -27,8 +27,9 @@ def capacity_for(positions):
     return (positions + CHUNK - 1) // CHUNK * CHUNK
 
 
-def empty(n_layer, batch, n_head, head_dim, capacity=0):
-    return tf.zeros([n_layer, 2, batch, n_head, capacity, head_dim], tf.float32)
+def empty(n_layer, batch, n_head, head_dim):
+    """A cache of no positions and no capacity: the first step grows it."""
+    return tf.zeros([n_layer, 2, batch, n_head, 0, head_dim], tf.float32)
 
 
 def ensure_capacity(cache, positions):
@@ -90,11 +91,12 @@ def forward(model, input_ids, attention_mask, position_ids, cache):
     visible, padding = masks(attention_mask, new, shape[4])
     rows = key_rows(batch, shape[3], shape[4], tf.shape(attention_mask)[1] - new, new)
     flat = tf.reshape(cache, [-1, shape[5]])
+    # every layer holds the same rotary table: looked up once for all of them
+    sincos = tf.split(tf.gather(t.h[0].attn.embed_positions, position_ids, axis=0), 2, axis=-1)
     hidden = t.wte(input_ids, mode="embedding")
     for layer, block in enumerate(t.h):
         attn = block.attn
         x = block.ln_1(hidden)
-        sincos = tf.split(tf.gather(attn.embed_positions, position_ids, axis=0), 2, axis=-1)
         q, k = (tf.transpose(_rotary(attn, attn._split_heads(proj(x), True), sincos), (0, 2, 1, 3))
                 for proj in (attn.q_proj, attn.k_proj))
         v = attn._split_heads(attn.v_proj(x), False)
