@@ -75,7 +75,7 @@ def main():
         raise cli.UserError(f"--max_new_tokens {args.max_new_tokens} does not fit the context of {context} tokens")
     memory.check_fits([model], generation.STEPS, args.max_memory_gb, consequence="generate.py cannot load it")
     loaded, _ = savedmodel.load_serving_function(model)
-    if not generation.has_generation(loaded):
+    if not generation.has_generation(loaded.signatures):
         raise cli.UserError(f"{model} has no generation signatures (prefill, decode, generate); "
                             f"re-export it with prepare_model.py and convert it again")
     eos_token_id, _ = models.generation_settings(model)

@@ -180,31 +180,10 @@ def score(fn, batches, records):
 
 # ---------------------------------------------------------------- the run
 
-def saved_signatures(path):
-    """{name: SignatureDef} of a SavedModel, read from its saved_model.pb without loading the model."""
-    from tensorflow.python.saved_model import loader_impl
-    savedmodel.check_saved_model_dir(path)
-    try:
-        return dict(loader_impl.parse_saved_model(str(path)).meta_graphs[0].signature_def)
-    except Exception as e:  # TF raises many types for corrupt files
-        raise UserError(f"cannot load SavedModel {path}: {str(e).splitlines()[0]}")
-
-
-def _has_generation(signatures):
-    return all(name in signatures for name in (*generation.STEPS, generation.GENERATE))
-
-
 def vocab_size(model_dir, signatures=None):
     """The vocabulary size: the serving signature's static logits width, else config.json's."""
-    signatures = signatures or saved_signatures(model_dir)
-    serving = signatures.get(generation.SERVING)
-    if serving is None:
-        raise UserError(f"SavedModel {model_dir} has no '{generation.SERVING}' signature "
-                        f"(has: {', '.join(n for n in signatures if not n.startswith('__')) or 'none'})")
-    if savedmodel.OUTPUT not in serving.outputs:
-        raise UserError(f"'{generation.SERVING}' of {model_dir} has no '{savedmodel.OUTPUT}' output "
-                        f"(has: {', '.join(serving.outputs)})")
-    dims = serving.outputs[savedmodel.OUTPUT].tensor_shape.dim
+    signatures = signatures or savedmodel.read_signature_defs(model_dir)
+    dims = signatures[generation.SERVING].outputs[savedmodel.OUTPUT].tensor_shape.dim
     if dims and dims[-1].size > 0:
         return dims[-1].size
     config = Path(model_dir) / "config.json"
@@ -250,11 +229,11 @@ def evaluate_pair(paths, sequences, pad_id, context_length, output_dir, settings
     1 layer: 0.44 GB, given back when the model is freed), so scoring and generation each need only
     their own signatures' memory."""
     batches = data.batches(sequences, settings.batch_size, pad_id)
-    signatures = {name: saved_signatures(path) for name, path in paths.items()}
+    signatures = {name: savedmodel.read_signature_defs(path) for name, path in paths.items()}
     vocab = {name: vocab_size(paths[name], sigs) for name, sigs in signatures.items()}
     prompts = []
     if settings.gen_samples:
-        missing = [name for name, sigs in signatures.items() if not _has_generation(sigs)]
+        missing = [name for name, sigs in signatures.items() if not generation.has_generation(sigs)]
         if missing:
             log.info("no generation benchmark: the %s model has no generation signatures "
                      "(re-export it with prepare_model.py)", " and ".join(missing))

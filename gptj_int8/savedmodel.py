@@ -127,18 +127,36 @@ def load_serving_function(path):
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # TF raises many types for corrupt files
         raise UserError(f"cannot load SavedModel {path}: {str(e).splitlines()[0]}")
-    if SIGNATURE not in loaded.signatures:
+    check_serving_signature(path, {name: (fn.structured_input_signature[1], fn.structured_outputs)
+                                   for name, fn in loaded.signatures.items()})
+    return loaded, loaded.signatures[SIGNATURE]
+
+
+def check_serving_signature(path, signatures):
+    """Refuse a model without serving_default, its inputs or its logits; `signatures` is {signature:
+    (its input names, its output names)}, of a loaded model or of its SignatureDefs."""
+    if SIGNATURE not in signatures:
         raise UserError(f"SavedModel {path} has no '{SIGNATURE}' signature "
-                        f"(has: {', '.join(loaded.signatures) or 'none'})")
-    fn = loaded.signatures[SIGNATURE]
-    names = set(fn.structured_input_signature[1])
-    missing = [k for k in INPUTS if k not in names]
+                        f"(has: {', '.join(n for n in signatures if not n.startswith('__')) or 'none'})")
+    inputs, outputs = signatures[SIGNATURE]
+    missing = [k for k in INPUTS if k not in inputs]
     if missing:
         raise UserError(f"'{SIGNATURE}' of {path} lacks input(s) {', '.join(missing)}")
-    if OUTPUT not in fn.structured_outputs:
-        raise UserError(f"'{SIGNATURE}' of {path} has no '{OUTPUT}' output "
-                        f"(has: {', '.join(fn.structured_outputs)})")
-    return loaded, fn
+    if OUTPUT not in outputs:
+        raise UserError(f"'{SIGNATURE}' of {path} has no '{OUTPUT}' output (has: {', '.join(outputs)})")
+
+
+def read_signature_defs(path):
+    """{name: SignatureDef} of a SavedModel, read from its saved_model.pb without loading the model,
+    serving_default checked."""
+    from tensorflow.python.saved_model import loader_impl
+    check_saved_model_dir(path)
+    try:
+        defs = dict(loader_impl.parse_saved_model(str(path)).meta_graphs[0].signature_def)
+    except Exception as e:  # TF raises many types for corrupt files
+        raise UserError(f"cannot load SavedModel {path}: {str(e).splitlines()[0]}")
+    check_serving_signature(path, {name: (d.inputs, d.outputs) for name, d in defs.items()})
+    return defs
 
 
 def load_signatures(path):
