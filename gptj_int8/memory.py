@@ -136,7 +136,7 @@ def check_fits(model_dirs, signatures=ALL_SIGNATURES, max_memory_gb=None, extra_
     """Refuse, in one line with the numbers, to load these SavedModels together in this process
     and call `signatures` on each."""
     model_dirs = [Path(d) for d in model_dirs]
-    need = RUNTIME_BYTES + extra_bytes + sum(model_need(d, signatures) for d in model_dirs)
+    need, _ = needs(dict(enumerate(model_dirs)), [(signatures, extra_bytes)])
     have, source = memory_limit(max_memory_gb)
     if need > have:
         what = (f"the {kind(model_dirs[0])} model {model_dirs[0]} needs" if len(model_dirs) == 1 else
