@@ -51,8 +51,9 @@ def run_script(script, *args, cwd, check=True, fresh_process=False):
 def _run_in_process(argv, cwd):
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
-    saved = (sys.argv, list(sys.path), os.getcwd(), root.handlers[:], root.level,
-             signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    argv_before, path_before, cwd_before = sys.argv, list(sys.path), os.getcwd()
+    handlers_before, level_before = root.handlers[:], root.level
+    signals_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     returncode = 0
     try:
         sys.argv = argv
@@ -70,11 +71,11 @@ def _run_in_process(argv, cwd):
                 traceback.print_exc()
                 returncode = 1
     finally:
-        sys.argv, sys.path[:], cwd_before = saved[0], saved[1], saved[2]
+        sys.argv, sys.path[:] = argv_before, path_before
         os.chdir(cwd_before)
-        root.handlers, root.level = saved[3], saved[4]
-        signal.signal(signal.SIGINT, saved[5])
-        signal.signal(signal.SIGTERM, saved[6])
+        root.handlers, root.level = handlers_before, level_before
+        for signum, handler in signals_before.items():
+            signal.signal(signum, handler)
         gc.collect()                       # the script's models, before the next test loads its own
     return subprocess.CompletedProcess(argv, returncode, out.getvalue(), err.getvalue())
 
