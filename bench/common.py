@@ -111,6 +111,17 @@ def size_gb(path):
     return savedmodel.saved_model_size(path) / 1e9
 
 
+def seconds_per_call(call, iterations):
+    """Seconds of each of `iterations` calls of `call`, after one untimed call."""
+    call()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def median_ms(seconds):
     return float(np.median(seconds) * 1000)
 

@@ -106,14 +106,8 @@ def cache_step_ms(batch, past, n_head=16, head_dim=256, iterations=10):
     out = []
     for fn, length in ((in_place, kv_cache.capacity_for(past + 1)), (concat, past)):
         cache = tf.random.normal([1, 2, batch, n_head, length, head_dim])
-        fn(cache, mask, q, k, v)
-        times = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            fn(cache, mask, q, k, v)[0].numpy()
-            times.append(time.perf_counter() - start)
-        out.append(common.median_ms(times))
-        del cache
+        out.append(common.median_ms(common.seconds_per_call(lambda: fn(cache, mask, q, k, v)[0].numpy(), iterations)))
+        cache = None                       # freed before the next layout's cache is made
     return out
 
 
@@ -146,13 +140,7 @@ def write_candidates_ms(past=1984, capacity=2048, steps=8, n_head=16, head_dim=2
         return tf.concat([cache, new], axis=2)
 
     def per_step(loop, *args):
-        loop(*args).numpy()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            loop(*args).numpy()
-            times.append(time.perf_counter() - start)
-        return min(times) / steps * 1000
+        return min(common.seconds_per_call(lambda: loop(*args).numpy(), 3)) / steps * 1000
 
     def loop_of(write):
         @tf.function
