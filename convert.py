@@ -110,19 +110,22 @@ class ConvertSavedModel:
             found = {name: [s for s in found[name] if sites.weight_key(graphs[name], s) not in kept] for name in graphs}
 
         fused = form is int8_matmul.fuse_int8_matmuls
-        form_everywhere = int8_matmul.DEFAULT_FORM if self.int8_kernel == "auto" else self.int8_kernel
-        forms = {name: {s.activation: form_everywhere for s in found[name]} for name in graphs}
-        if fused and not self.force_int8:
-            found, forms = self._choose_kernels(graphs, found, functions)
+        timed = fused and not self.force_int8
+        rows = self._rows(graphs, found, functions) if timed else None   # while every signature still runs
 
         # one int8 copy of each weight for all signatures; an FP32 weight no signature reads in FP32 any
-        # more is freed as soon as its int8 copy exists, so the conversion never holds both
-        only, other = set(), set()
+        # more is freed as soon as its int8 copy exists, so the conversion never holds both. The
+        # embedding tables go first: the kernel timing, the conversion's peak, then runs without them.
+        store = weights.Int8Weights(self.per_channel, release=self._int8_only(graphs, {name: [] for name in graphs}))
         for name, graph in graphs.items():
-            o, x = sites.int8_only_weights(graph, found[name], sites.find_embeddings(graph))
-            only |= o
-            other |= x
-        store = weights.Int8Weights(self.per_channel, release=only - other)
+            graphs[name] = weights.quantize_embeddings(graph, sites.find_embeddings(graph), store)
+
+        form_everywhere = int8_matmul.DEFAULT_FORM if self.int8_kernel == "auto" else self.int8_kernel
+        forms = {name: {s.activation: form_everywhere for s in found[name]} for name in graphs}
+        if timed:
+            found, forms = self._choose_kernels(graphs, found, rows)
+
+        store.release |= self._int8_only(graphs, found)
         for name, graph in graphs.items():
             if fused:
                 activations = {s.activation for s in found[name]}
@@ -134,7 +137,6 @@ class ConvertSavedModel:
             else:
                 log.info("%s: %d MatMuls -> %d int8 QDQ MatMuls", name, len(found[name]), len(found[name]))
                 graph = form(graph, found[name], ranges[name], store)
-            graph = weights.quantize_embeddings(graph, sites.find_embeddings(graph), store)
             graphs[name] = savedmodel.prune(graph)
             dump = "converted_graph_def.pb" if name == SERVING else f"converted_{name}_graph_def.pb"
             savedmodel.write_graph_def(graphs[name].graph_def, self.output_dir / dump)
@@ -147,23 +149,39 @@ class ConvertSavedModel:
                  savedmodel.saved_model_size(self.src) / 1e6)
         return out
 
-    def _choose_kernels(self, graphs, found, functions):
-        """(`found` without the groups of MatMuls that are faster in FP32, {signature: {activation:
-        int8 form}}), timed on this CPU at the rows each signature gives them for a passage of
-        median length."""
+    @staticmethod
+    def _int8_only(graphs, found):
+        """Ids of the variables that no signature reads but as the weight of one of `found`'s sites
+        ({signature: sites}) or as an embedding table: what needs no FP32 value once it is int8."""
+        only, other = set(), set()
+        for name, graph in graphs.items():
+            o, x = sites.int8_only_weights(graph, found[name], sites.find_embeddings(graph))
+            only |= o
+            other |= x
+        return only - other
+
+    def _rows(self, graphs, found, functions):
+        """{signature: {activation: rows}}: the rows each MatMul reads in each signature for a passage
+        of median length (its tokens; in decode, one)."""
         batch = sorted(self.calibration_batches, key=lambda b: int(b[1].sum()))[len(self.calibration_batches) // 2]
+        rows = {}
+        for name, graph in graphs.items():
+            inputs = next(calibration.decode_batches(functions[PREFILL], [batch]), None) if name == DECODE else batch
+            if found[name] and inputs is not None:   # a passage of one token has no decode step
+                rows[name] = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
+        return rows
+
+    def _choose_kernels(self, graphs, found, rows):
+        """(`found` without the groups of MatMuls that are faster in FP32, {signature: {activation:
+        int8 form}}), timed on this CPU at the `rows` of each signature (_rows)."""
         timings, int8_weights, forms = {}, set(), {}
         allowed = int8_matmul.FORMS if self.int8_kernel == "auto" else (self.int8_kernel,)
         for name, graph in graphs.items():
             forms[name] = {}
-            if not found[name]:
+            if name not in rows:
                 continue
-            inputs = next(calibration.decode_batches(functions[PREFILL], [batch]), None) if name == DECODE else batch
-            if inputs is None:   # a passage of one token has no decode step
-                continue
-            rows = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
-            chosen = kernel_choice.choose_kernels(graph, found[name], rows, timings, int8_weights, self.per_channel,
-                                                  allowed)
+            chosen = kernel_choice.choose_kernels(graph, found[name], rows[name], timings, int8_weights,
+                                                  self.per_channel, allowed)
             by_shape = {}
             for activation, (choice, group, shape, timing) in chosen.items():
                 forms[name][activation] = choice

@@ -12,8 +12,10 @@ The tokenizer and config are written beside the SavedModel, so later steps need 
 """
 import argparse
 import logging
+import os
 from pathlib import Path
 
+os.environ.setdefault("USE_TF", "AUTO")   # transformers may need torch here: a pytorch_model.bin is read with it
 from gptj_int8 import checkpoints, cli, models, savedmodel
 
 log = logging.getLogger("prepare_model")

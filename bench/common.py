@@ -201,8 +201,7 @@ def matmul_times(shapes, m, per_channel=True):
     from gptj_int8 import kernel_choice
     times = {}
     for k, n in shapes:
-        t = kernel_choice.time_group(kernel_choice.GroupShape(m, k, (n,), (False,)), per_channel, budget_s=3.0,
-                                      max_values=None)
+        t = kernel_choice.time_group(kernel_choice.GroupShape(m, k, (n,), (False,)), per_channel, budget_s=3.0)
         times[(k, n)] = (t.fp32_ms, t.int8_ms)
     return times
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("USE_TF", "AUTO")   # transformers' PyTorch GPT-J is a peer here
 import common
 from gptj_int8 import benchmark, cli, generation
 

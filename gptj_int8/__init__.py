@@ -5,6 +5,10 @@ import sys
 # transformers' TF models need Keras 2; TensorFlow's C++ INFO and WARNING lines are not for users.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# transformers imports torch, where it is installed, with its first tokenizer: 0.27 GB of memory in
+# every script, a tenth of a 1-layer model. Told that TensorFlow is the framework, it leaves torch
+# alone; what reads PyTorch weights (prepare_model.py, for a pytorch_model.bin) sets USE_TF=AUTO first.
+os.environ.setdefault("USE_TF", "1")
 
 
 def _import_tensorflow_quietly():

@@ -2,10 +2,11 @@
 where, timed on the CPU that converts, the kernel is faster than they are in FP32, and in the
 form (int8_matmul.FORMS: oneDNN's inner product or its 1x1 convolution) that is fastest there.
 
-A group (the MatMuls `fuse_int8_matmuls` would merge) is timed at its shapes and at the rows it
-reads in its signature (a passage's tokens in serving_default and prefill; one row in decode, and
-at the lm_head of prefill): its FP32 MatMuls (+ BiasAdds) on random data against each form of
-what replaces them, QuantizeV2 + the int8 kernel (+ its split), built by the converter itself.
+A group (the MatMuls `fuse_int8_matmuls` would merge) is timed at the rows it reads in its
+signature (a passage's tokens in serving_default and prefill; one row in decode, and at the lm_head
+of prefill), on the model's own weights: its FP32 MatMuls (+ BiasAdds) on random activations
+against each form of what replaces them, QuantizeV2 + the int8 kernel (+ its split), built by the
+converter itself. Timing adds no FP32 copy of a weight, only the group's int8 one while it is timed.
 Groups of one shape are timed once. Which pays depends on the CPU (AVX2, VNNI, AMX) and on the
 shape: at one row oneDNN's int8 inner product can be slower than FP32 on AVX2, where the
 convolution streams the weight at memory bandwidth.
@@ -28,10 +29,6 @@ TIE_MARGIN = 0.05
 # ... and by more than this share where another signature already reads the weight in int8: FP32
 # there would store a second copy of it, four times the size of the first.
 COPY_MARGIN = 0.25
-# A timed weight holds at most this many values (512 MB in FP32); wider groups are timed on
-# proportionally fewer columns, still far beyond any CPU's cache, as at full size.
-MAX_TIMED_VALUES = 1 << 27
-
 
 @dataclasses.dataclass(frozen=True)
 class GroupShape:
@@ -76,32 +73,39 @@ def group_shape(graph, group, rows):
                       tuple(s.bias is not None for s in group))
 
 
-def time_group(shape, per_channel=True, forms=int8_matmul.FORMS, warmup=2, budget_s=0.25, seed=0,
-               max_values=MAX_TIMED_VALUES):
+def time_group(shape, per_channel=True, forms=int8_matmul.FORMS, weights_and_biases=None, warmup=2,
+               budget_s=0.25, seed=0):
     """Median ms per call of the group's FP32 MatMuls and of each int8 form that would replace
-    them, called in turn (after `warmup` calls) for about `budget_s` seconds, at least 5 times
-    each; on fewer columns when the weights hold over `max_values` values (None: never)."""
-    rng = np.random.RandomState(seed)
-    scale = min(1.0, (max_values or np.inf) / (shape.depth * sum(shape.widths)))
-    widths = [max(1, int(n * scale)) for n in shape.widths]
-    x = rng.randn(shape.rows, shape.depth).astype(np.float32)
-    graph = savedmodel.matmul_graph(x, [(rng.randn(shape.depth, n) * 0.02).astype(np.float32) for n in widths],
-                                    [rng.randn(n).astype(np.float32) * 0.1 if b else None
-                                     for n, b in zip(widths, shape.biases)])
+    them, each form called in turn with FP32 (after `warmup` calls) for about `budget_s` seconds in
+    all, at least 5 times each; on `weights_and_biases`, the group's own (weight, bias or None)
+    variables, or on random ones of its shape."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((shape.rows, shape.depth), np.float32)
+    if weights_and_biases is None:
+        weights_and_biases = [(rng.standard_normal((shape.depth, n), np.float32) * np.float32(0.02),
+                               rng.standard_normal(n, np.float32) * np.float32(0.1) if b else None)
+                              for n, b in zip(shape.widths, shape.biases)]
+    graph = savedmodel.matmul_graph(x, [w for w, _ in weights_and_biases], [b for _, b in weights_and_biases])
+    del weights_and_biases   # random ones were copied into variables
     found, store = sites.find_matmul_sites(graph), weights.Int8Weights(per_channel)
     ranges = {"x": (float(x.min()), float(x.max()))}
-    fns = [graph.serving_fn()] + [int8_matmul.fuse_int8_matmuls(graph.copy(), found, ranges, store, form).serving_fn()
-                                  for form in forms]
-    dummy = np.zeros([1, 1], np.int32)
-    first = benchmark.time_models(fns, [(dummy, dummy)], warmup, 1, progress=False)
-    calls = int(np.clip(budget_s / max(sum(t[0] for t in first), 1e-6), 5, 500))
-    seconds = benchmark.time_models(fns, [(dummy, dummy)], 0, calls, progress=False)
-    # the graphs' functions hold their weights in reference cycles: free them now, not at the end
-    # of the conversion, whose peak they would raise
-    del graph, store, fns
+    fp32, dummy = graph.serving_fn(), [(np.zeros([1, 1], np.int32),) * 2]
+    fp32_seconds, int8_ms = [], {}
+    for form in forms:
+        # one form at a time: each kernel keeps its own reordered copy of the int8 weight, which beside
+        # the model's FP32 weights would raise the conversion's peak
+        fns = [fp32, int8_matmul.fuse_int8_matmuls(graph.copy(), found, ranges, store, form).serving_fn()]
+        first = benchmark.time_models(fns, dummy, warmup, 1, progress=False)
+        calls = int(np.clip(budget_s / len(forms) / max(sum(t[0] for t in first), 1e-6), 5, 500))
+        seconds = benchmark.time_models(fns, dummy, 0, calls, progress=False)
+        fp32_seconds += list(seconds[0])
+        int8_ms[form] = float(np.median(seconds[1]) * 1000)
+        # the kernel's function holds its reordered weight in reference cycles: free it now
+        del fns
+        gc.collect()
+    del graph, store, fp32   # and the int8 weight, before the next group's
     gc.collect()
-    ms = [float(np.median(s) * 1000) for s in seconds]
-    return Timing(ms[0], dict(zip(forms, ms[1:])))
+    return Timing(float(np.median(fp32_seconds) * 1000), int8_ms)
 
 
 def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_channel=True,
@@ -115,7 +119,8 @@ def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_ch
     for activation, group in int8_matmul.kernel_groups(graph, found).items():
         shape = group_shape(graph, group, rows[activation])
         if shape not in timings:
-            timings[shape] = (timer or time_group)(shape, per_channel, forms)
+            own = [(graph.feeds[s.weight], graph.feeds[s.bias] if s.bias else None) for s in group]
+            timings[shape] = (timer or time_group)(shape, per_channel, forms, own)
             log.info("timed %s: %s -> %s", shape, timings[shape], timings[shape].choice())
         copy = any(sites.weight_key(graph, s) in int8_weights for s in group)
         chosen[activation] = (timings[shape].choice(COPY_MARGIN if copy else TIE_MARGIN), group, shape, timings[shape])

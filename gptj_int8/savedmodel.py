@@ -81,7 +81,8 @@ def matmul_graph(x, w, bias=None):
     """The smallest graph the converter works on: x @ w (+ bias), x a constant, w (and bias) held
     in variables, behind the two inputs every ServingGraph has (unused here). `w` and `bias` may
     be lists: one MatMul (+ BiasAdd, where its bias is not None) each, all reading x; the first
-    output is `logits`, the others `logits_1`, `logits_2`, ..."""
+    output is `logits`, the others `logits_1`, `logits_2`, ... A weight or bias that is already a
+    tf.Variable is read as it is, not copied."""
     weights = w if isinstance(w, list) else [w]
     biases = bias if isinstance(bias, list) else [bias] + [None] * (len(weights) - 1)
     nodes = [make_node("Placeholder", name, [], dtype=tf.int32) for name in INPUTS]
@@ -93,13 +94,13 @@ def matmul_graph(x, w, bias=None):
                   make_node("ReadVariableOp", f"w{suffix}/read", [f"w{suffix}"], dtype=tf.float32),
                   make_node("MatMul", f"mm{suffix}", ["x", f"w{suffix}/read"], T=tf.float32,
                             transpose_a=False, transpose_b=False)]
-        feeds[f"w{suffix}"] = tf.Variable(w_i)
+        feeds[f"w{suffix}"] = w_i if isinstance(w_i, tf.Variable) else tf.Variable(w_i)
         out = f"mm{suffix}:0"
         if b_i is not None:
             nodes += [make_resource_placeholder(f"b{suffix}"),
                       make_node("ReadVariableOp", f"b{suffix}/read", [f"b{suffix}"], dtype=tf.float32),
                       make_node("BiasAdd", f"out{suffix}", [f"mm{suffix}", f"b{suffix}/read"], T=tf.float32)]
-            feeds[f"b{suffix}"] = tf.Variable(b_i)
+            feeds[f"b{suffix}"] = b_i if isinstance(b_i, tf.Variable) else tf.Variable(b_i)
             out = f"out{suffix}:0"
         outputs[f"{OUTPUT}_{i}" if i else OUTPUT] = out
     graph_def = tf.compat.v1.GraphDef()

@@ -34,17 +34,20 @@ def u8_activation_range(lo, hi):
     return lo, lo + 255 * step
 
 
-def _row_blocks(w, block_elements=1 << 24):
+def _row_blocks(w, block_elements=1 << 22):
     """(start, stop) of blocks of rows of `w` holding at most `block_elements` values each."""
     rows = max(1, block_elements // max(1, int(np.prod(w.shape[1:]))))
     return [(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
 
 
 def _read(w, i, j):
-    return np.asarray(w[i:j], np.float32)
+    """Rows i:j of `w` as a float32 array of its own, to be changed in place."""
+    if isinstance(w, tf.Variable):
+        _plain_reads(w)
+    return np.array(w[i:j], np.float32)
 
 
-def absolute_max(w, axis=None, block_elements=1 << 24):
+def absolute_max(w, axis=None, block_elements=1 << 22):
     """max |w| of the whole tensor (axis=None), of each row (axis=1) or of each column (axis=0),
     read in blocks of rows."""
     blocks = _row_blocks(w, block_elements)
@@ -58,24 +61,50 @@ def absolute_max(w, axis=None, block_elements=1 << 24):
     return out
 
 
-def quantize_symmetric(w, axis=None, block_elements=1 << 24):
-    """int8 weights in [-127, 127] and the absolute maximum they scale to: one for the whole
-    tensor (axis=None), one per row (axis=1, reduced along the row) or one per column (axis=0).
+def quantized_blocks(w, axis=None, block_elements=1 << 22):
+    """(absolute maximum, blocks): the int8 weights in [-127, 127] of `w`, as (start, stop, int8
+    rows) made one block of rows at a time by iterating `blocks`, and the absolute maximum they
+    scale to: one for the whole tensor (axis=None), one per row (axis=1, reduced along the row) or
+    one per column (axis=0).
 
     `w` is a numpy array, a tf.Variable or anything with `.shape` and row slicing, read in blocks
-    of rows (64 MB of float32 at most), so a 50400 x 4096 embedding is never copied whole, nor has
+    of rows (16 MB of float32 at most), so a 50400 x 4096 embedding is never copied whole, nor has
     a full-size temporary beside it."""
     absmax = np.maximum(absolute_max(w, axis, block_elements), np.float32(1e-8)).astype(np.float32)
-    q = np.empty(w.shape, np.int8)
-    for i, j in _row_blocks(w, block_elements):
-        if axis is None:
-            scale = np.float32(127.0) / absmax
-        elif axis == 1:
-            scale = np.float32(127.0) / absmax[i:j, None]
-        else:
-            scale = np.float32(127.0) / absmax[None, :]
-        q[i:j] = np.clip(np.rint(_read(w, i, j) * scale), -127, 127)
-    return q, absmax
+
+    def blocks():
+        for i, j in _row_blocks(w, block_elements):
+            if axis is None:
+                scale = np.float32(127.0) / absmax
+            elif axis == 1:
+                scale = np.float32(127.0) / absmax[i:j, None]
+            else:
+                scale = np.float32(127.0) / absmax[None, :]
+            block = _read(w, i, j)
+            np.multiply(block, scale, out=block)
+            np.rint(block, out=block)
+            yield i, j, np.clip(block, -127, 127, out=block).astype(np.int8)
+    return absmax, blocks()
+
+
+def _int8_variable(shape, name):
+    """A zero int8 variable to fill block by block with _write_block: its only full-size buffer."""
+    return tf.Variable(tf.zeros(shape, tf.int8), trainable=False, name=name)
+
+
+def _write_block(variable, rows, columns, block):
+    """variable[rows, columns] = block, in place. (Slicing the variable in Python would read it
+    first, and a sliced write to a variable that is also being read copies it whole.)"""
+    tf.raw_ops.ResourceStridedSliceAssign(ref=variable.handle, begin=[rows[0], columns[0]],
+                                          end=[rows[1], columns[1]], strides=[1, 1], value=block)
+
+
+def _plain_reads(variable):
+    """Out of copy-on-read mode, where every read of the variable copies it whole. A gather (an
+    embedding lookup) or a sliced write puts a variable in it; nothing here reads and writes a
+    variable at once, which is what the mode guards, and a copy of a large weight at every read
+    would double it in memory and slow the kernels that read it."""
+    tf.raw_ops.DisableCopyOnRead(resource=variable.handle)
 
 
 def compensated_int32_bias(bias, column_sums, weight_absmax, lo, hi):
@@ -95,7 +124,7 @@ class ScaledRows:
         self.weight, self.scale, self.shape = weight, scale, tuple(weight.shape)
 
     def __getitem__(self, rows):
-        return np.asarray(self.weight[rows], np.float32) * self.scale[rows, None]
+        return _read(self.weight, rows.start, rows.stop) * self.scale[rows, None]
 
 
 class Int8Weights:
@@ -129,20 +158,26 @@ class Int8Weights:
         key = ("matmul", tuple((id(graph.feeds[s.weight]), None if s.row_scale is None else s.row_scale.tobytes())
                                for s in sites))
         if key not in self._made:
-            parts = []
-            for site in sites:
+            widths = [int(graph.feeds[s.weight].shape[1]) for s in sites]
+            name = f"{sites[0].matmul if len(sites) == 1 else sites[0].activation}_int8".replace("/", "_").replace(":", "_")
+            # written block by block into its variable: beside the FP32 weights, the conversion
+            # holds the int8 copy once and a block of rows, never a second full-size array
+            q = _int8_variable([int(graph.feeds[sites[0].weight].shape[0]), sum(widths)], name)
+            absmax, column_sums, start = [], [], 0
+            for site, width in zip(sites, widths):
                 w = graph.feeds[site.weight]
                 self._check_not_released(w)
-                q, absmax = quantize_symmetric(w if site.row_scale is None else ScaledRows(w, site.row_scale),
-                                               axis=0 if self.per_channel else None)
-                parts.append((q, np.broadcast_to(absmax, (q.shape[1],))))
-            q = parts[0][0] if len(parts) == 1 else np.concatenate([p for p, _ in parts], axis=1)
-            absmax = np.concatenate([a for _, a in parts]).astype(np.float32)
-            del parts
-            name = f"{sites[0].matmul if len(sites) == 1 else sites[0].activation}_int8".replace("/", "_").replace(":", "_")
-            self._made[key] = (tf.Variable(q, trainable=False, name=name), absmax,
-                               q.sum(axis=0, dtype=np.int64))
-            del q
+                a, blocks = quantized_blocks(w if site.row_scale is None else ScaledRows(w, site.row_scale),
+                                             axis=0 if self.per_channel else None)
+                sums = np.zeros(width, np.int64)
+                for i, j, block in blocks:
+                    _write_block(q, (i, j), (start, start + width), block)
+                    sums += block.sum(axis=0, dtype=np.int64)
+                absmax.append(np.broadcast_to(a, (width,)))
+                column_sums.append(sums)
+                start += width
+            _plain_reads(q)
+            self._made[key] = (q, np.concatenate(absmax).astype(np.float32), np.concatenate(column_sums))
             self._free(graph.feeds[s.weight] for s in sites)
         return self._made[key]
 
@@ -151,12 +186,14 @@ class Int8Weights:
         key = ("embedding", id(table))
         if key not in self._made:
             self._check_not_released(table)
-            q, absmax = quantize_symmetric(table, axis=1)
             name = table.name.split(":")[0].replace("/", "_")
-            self._made[key] = (tf.Variable(q, trainable=False, name=f"{name}_int8"),
-                               tf.Variable((absmax / 127.0).astype(np.float32), trainable=False,
-                                           name=f"{name}_row_scale"))
-            del q
+            absmax, blocks = quantized_blocks(table, axis=1)
+            q = _int8_variable(table.shape, f"{name}_int8")
+            for i, j, block in blocks:
+                _write_block(q, (i, j), (0, q.shape[1]), block)
+            _plain_reads(q)
+            self._made[key] = (q, tf.Variable((absmax / 127.0).astype(np.float32), trainable=False,
+                                              name=f"{name}_row_scale"))
             self._free([table])
         return self._made[key]
 

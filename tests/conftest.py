@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("USE_TF", "AUTO")   # one process runs every script, prepare_model.py's PyTorch path included
 
 TINY_CONFIG = "vocab_size=4096,n_layer=2,n_embd=64,n_head=4,rotary_dim=8,n_inner=256,n_positions=256"
 # The fused sets force int8 kernels everywhere, so that the graphs' structure does not depend on

@@ -159,14 +159,22 @@ def test_matmuls_reading_one_tensor_share_one_kernel(per_channel, smooth):
         assert np.abs(out.numpy() - ref).mean() / np.abs(ref).mean() < 0.03
 
 
+def _quantized(w, axis, block_elements):
+    absmax, blocks = weights.quantized_blocks(w, axis, block_elements)
+    blocks = list(blocks)
+    assert [(i, j) for i, j, _ in blocks] == weights._row_blocks(w, block_elements)
+    return np.concatenate([q for _, _, q in blocks]), absmax
+
+
 def test_symmetric_quantization_in_blocks_equals_whole():
     rng = np.random.RandomState(2)
     w = rng.randn(100, 30).astype(np.float32)
-    q_whole, a_whole = weights.quantize_symmetric(w, axis=1, block_elements=10 ** 9)
-    q_blocks, a_blocks = weights.quantize_symmetric(tf.Variable(w), axis=1, block_elements=90)
+    q_whole, a_whole = _quantized(w, axis=1, block_elements=10 ** 9)
+    q_blocks, a_blocks = _quantized(tf.Variable(w), axis=1, block_elements=90)
+    assert q_blocks.dtype == np.int8
     np.testing.assert_array_equal(q_whole, q_blocks)
     np.testing.assert_array_equal(a_whole, a_blocks)
-    q_cols, a_cols = weights.quantize_symmetric(tf.Variable(w), axis=0, block_elements=90)
+    q_cols, a_cols = _quantized(tf.Variable(w), axis=0, block_elements=90)
     np.testing.assert_array_equal(a_cols, np.abs(w).max(axis=0))
     assert np.abs(q_cols.astype(np.float32) * (a_cols[None, :] / 127) - w).max() <= a_cols.max() / 254 + 1e-6
     assert np.abs(q_whole.astype(np.float32) * (a_whole[:, None] / 127) - w).max() <= a_whole.max() / 254 + 1e-6
@@ -244,12 +252,16 @@ def test_slow_kernels_stay_fp32_each_shape_is_timed_once_and_the_faster_form_is_
     group is kept in FP32, the other takes the form the timer finds fastest (the convolution at
     one row, the inner product at 8, where the convolution is faster by less than TIE_MARGIN), and
     a shape seen again (another signature) is not timed again; where another signature already
-    reads the weight in int8, 10% is not enough to store an FP32 copy beside it."""
+    reads the weight in int8, 10% is not enough to store an FP32 copy beside it. Each group is timed
+    on the model's own variables, not on copies."""
     rng = np.random.RandomState(6)
-    timed = []
+    timed, own = [], set()
 
-    def timer(shape, per_channel, forms):
+    def timer(shape, per_channel, forms, weights_and_biases):
         timed.append(shape)
+        assert [tuple(w.shape) for w, _ in weights_and_biases] == [(shape.depth, n) for n in shape.widths]
+        assert [b is not None for _, b in weights_and_biases] == list(shape.biases)
+        assert {id(v) for pair in weights_and_biases for v in pair if v is not None} <= own
         conv = 0.2 if shape.rows == 1 else 0.49
         return kernel_choice.Timing(1.0, {"matmul": 1.1 if sum(shape.widths) > 100 else 0.5, "conv": conv}
                                     if sum(shape.widths) <= 100 else {"matmul": 1.1, "conv": 1.2})
@@ -259,6 +271,7 @@ def test_slow_kernels_stay_fp32_each_shape_is_timed_once_and_the_faster_form_is_
         x = rng.randn(rows, 64).astype(np.float32)
         graph = savedmodel.matmul_graph(x, [(rng.randn(64, n) * 0.1).astype(np.float32) for n in (32, 48)])
         wide = savedmodel.matmul_graph(x, (rng.randn(64, 512) * 0.1).astype(np.float32), np.zeros(512, np.float32))
+        own |= {id(v) for g in (graph, wide) for v in g.variables()}
         for g in (graph, wide, wide):
             chosen = kernel_choice.choose_kernels(g, sites.find_matmul_sites(g), {"x": rows}, timings, timer=timer)
             assert [c[0] for c in chosen.values()] == (["fp32"] if g is wide else ["conv" if rows == 1 else "matmul"])
@@ -317,7 +330,7 @@ def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monk
     from convert import ConvertSavedModel
     from gptj_int8 import data, models
 
-    def timer(shape, per_channel, forms):
+    def timer(shape, per_channel, forms, weights_and_biases):
         fp32 = 0.5 if shape.widths == (64,) and shape.depth == 64 else 1.0
         return kernel_choice.Timing(fp32, {"matmul": 0.9, "conv": 0.8 if shape.rows == 1 else 0.95})
 
