@@ -23,6 +23,7 @@ Edit the flags in __init__ to change the defaults (quantize.py's flags override 
                                    # two for each kernel as timed on this CPU, or "conv" with
                                    # force_int8 (the same graph on every run and CPU).
 """
+import gc
 import logging
 from pathlib import Path
 
@@ -75,6 +76,11 @@ class ConvertSavedModel:
     def __call__(self):
         loaded, functions = savedmodel.load_signatures(self.src)
         graphs = {name: savedmodel.extract_serving_graph(loaded, fn, name) for name, fn in functions.items()}
+        # the FP32 prefill, for decode's inputs, from a copy of its graph: the loaded functions' own
+        # graphs (tens of MB per layer) are let go; the variables live on in the graphs' feeds
+        prefill = graphs[PREFILL].copy().serving_fn() if PREFILL in graphs else None
+        del loaded, functions
+        gc.collect()
         savedmodel.write_graph_def(graphs[SERVING].graph_def, self.output_dir / "extracted_graph_def.pb")
 
         found = {}
@@ -85,7 +91,7 @@ class ConvertSavedModel:
         log.info("quantizing %d MatMuls and %d inputs of %s in %s (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
                  len(found[SERVING]), len(pairs[SERVING]), "/".join(pair_ops) or "other ops", ", ".join(graphs),
                  self.itex_mode, self.per_channel, self.smooth_quant and self.sq_alpha)
-        ranges = self._calibrate(graphs, found, pairs, functions)
+        ranges = self._calibrate(graphs, found, pairs, prefill)
 
         scales = {}   # SmoothQuant scales, shared by the signatures
         for name in graphs:
@@ -111,7 +117,7 @@ class ConvertSavedModel:
 
         fused = form is int8_matmul.fuse_int8_matmuls
         timed = fused and not self.force_int8
-        rows = self._rows(graphs, found, functions) if timed else None   # while every signature still runs
+        rows = self._rows(graphs, found, prefill) if timed else None   # while every signature still runs
 
         # one int8 copy of each weight for all signatures; an FP32 weight no signature reads in FP32 any
         # more is freed as soon as its int8 copy exists, so the conversion never holds both. The
@@ -160,13 +166,13 @@ class ConvertSavedModel:
             other |= x
         return only - other
 
-    def _rows(self, graphs, found, functions):
+    def _rows(self, graphs, found, prefill):
         """{signature: {activation: rows}}: the rows each MatMul reads in each signature for a passage
         of median length (its tokens; in decode, one)."""
         batch = sorted(self.calibration_batches, key=lambda b: int(b[1].sum()))[len(self.calibration_batches) // 2]
         rows = {}
         for name, graph in graphs.items():
-            inputs = next(calibration.decode_batches(functions[PREFILL], [batch]), None) if name == DECODE else batch
+            inputs = next(calibration.decode_batches(prefill, [batch]), None) if name == DECODE else batch
             if found[name] and inputs is not None:   # a passage of one token has no decode step
                 rows[name] = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
         return rows
@@ -197,7 +203,7 @@ class ConvertSavedModel:
             int8_weights |= {sites.weight_key(graph, s) for s in found[name]}
         return found, forms
 
-    def _calibrate(self, graphs, found, pairs, functions):
+    def _calibrate(self, graphs, found, pairs, prefill):
         """{signature: Ranges}. serving_default runs the calibration passages; its MatMul ranges
         serve the same MatMuls (by weight) in prefill and decode, whose other pairs are calibrated
         on their own inputs: the passages, and for decode each passage's last token after the rest."""
@@ -210,7 +216,7 @@ class ConvertSavedModel:
                 continue
             graph = graphs[name]
             batches = (self.calibration_batches if name == PREFILL
-                       else calibration.decode_batches(functions[PREFILL], self.calibration_batches))
+                       else calibration.decode_batches(prefill, self.calibration_batches))
             tensors = [t for _, _, t in pairs[name]]
             channels = dict(calibration.collect_activation_ranges(graph, tensors, batches).channels) if tensors else {}
             for site in found[name]:
