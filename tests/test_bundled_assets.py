@@ -81,11 +81,12 @@ def test_tokenizer(model_and_tokenizer):
 
 def test_model_beats_chance(model_and_tokenizer, evaluation):
     model, tokenizer = model_and_tokenizer
+    from gptj_int8 import data
     texts = evaluation[:50]
-    hits = 0
-    for text in texts:
-        ids = np.asarray([tokenizer(text)["input_ids"]], np.int32)
-        assert ids.shape[1] < model.config.n_positions
-        logits = model(input_ids=ids).logits.numpy()
-        hits += int(logits[0, -2].argmax() == ids[0, -1])
+    encoded = [tokenizer(text)["input_ids"] for text in texts]
+    assert max(map(len, encoded)) < model.config.n_positions
+    # one right-padded batch: a passage's tokens never attend to the padding after them
+    ids, mask = data.pad_batch(encoded, tokenizer.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    hits = sum(int(logits[i, len(e) - 2].argmax() == e[-1]) for i, e in enumerate(encoded))
     assert hits / len(texts) > 0.10

@@ -188,7 +188,7 @@ def serving_only(tmp_path_factory, tiny_fp32):
 def test_a_model_without_generation_signatures_converts_and_benchmarks(serving_only, tmp_path):
     int8 = tmp_path / "int8"
     run_script("quantize.py", "--input_model", serving_only, "--converted_model", int8,
-               "--output_dir", tmp_path / "out", "--calib_samples", "4", cwd=tmp_path)
+               "--output_dir", tmp_path / "out", "--calib_samples", "4", "--force_int8", cwd=tmp_path)
     assert list(tf.saved_model.load(str(int8)).signatures) == ["serving_default"]
     proc = run_script("run_benchmark.py", "--input_model", serving_only, "--converted_model", int8,
                       "--output_dir", tmp_path / "out", "--num_samples", "4", "--iterations", "2",
