@@ -30,6 +30,11 @@ TIE_MARGIN = 0.05
 # there would store a second copy of it, four times the size of the first.
 COPY_MARGIN = 0.25
 
+# Timing frees a group's int8 copies as soon as it is done with them when they hold at least this
+# many values (16 MB): GPT-J-6B's smallest weight holds 16M.
+LARGE_WEIGHT_VALUES = 1 << 24
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupShape:
     rows: int          # M: rows of the activation
@@ -91,6 +96,7 @@ def time_group(shape, per_channel=True, forms=int8_matmul.FORMS, weights_and_bia
     ranges = {"x": (float(x.min()), float(x.max()))}
     fp32, dummy = graph.serving_fn(), [(np.zeros([1, 1], np.int32),) * 2]
     fp32_seconds, int8_ms = [], {}
+    large = shape.depth * sum(shape.widths) >= LARGE_WEIGHT_VALUES
     for form in forms:
         # one form at a time: each kernel keeps its own reordered copy of the int8 weight, which beside
         # the model's FP32 weights would raise the conversion's peak
@@ -100,12 +106,18 @@ def time_group(shape, per_channel=True, forms=int8_matmul.FORMS, weights_and_bia
         seconds = benchmark.time_models(fns, dummy, 0, calls, progress=False)
         fp32_seconds += list(seconds[0])
         int8_ms[form] = float(np.median(seconds[1]) * 1000)
-        # the kernel's function holds its reordered weight in reference cycles: free it now
+        # the kernel's function holds its reordered weight in reference cycles: free it now, where
+        # that weight matters (a collection takes a third of a second)
         del fns
-        gc.collect()
+        _collect_if(large)
     del graph, store, fp32   # and the int8 weight, before the next group's
-    gc.collect()
+    _collect_if(large)
     return Timing(float(np.median(fp32_seconds) * 1000), int8_ms)
+
+
+def _collect_if(large):
+    if large:
+        gc.collect()
 
 
 def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_channel=True,

@@ -28,6 +28,14 @@ CONVERSIONS = {**FLAG_SETS, "timed": []}
 CONVERSION_ARGS = ["--calib_samples", "16"]
 
 
+def pytest_collection_finish(session):
+    """What the test modules imported (TensorFlow, transformers, the project) lives as long as the
+    process: out of the garbage collector's sight, each collection (after every in-process script,
+    and the converter's own) takes milliseconds instead of a third of a second."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_script(script, *args, cwd, check=True, fresh_process=False):
     """Run one of the project's scripts with these arguments, as `python <script> <args>` in cwd would;
     returns a CompletedProcess (returncode, stdout, stderr).
