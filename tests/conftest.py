@@ -90,12 +90,29 @@ def _run_in_process(argv, cwd):
 
 
 def saved_model_cli_run(model, signature, input_exprs):
-    """`saved_model_cli run` on one signature, as a TF Serving user would try a model; its stdout."""
-    proc = subprocess.run(["saved_model_cli", "run", "--dir", str(model), "--tag_set", "serve",
-                           "--signature_def", signature, "--input_exprs", input_exprs],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+    """`saved_model_cli run` on one signature, as a TF Serving user would try a model; its stdout.
+    TensorFlow's own command-line main runs inside the test process (a new one would spend most of
+    its 9 s importing TensorFlow), with the argv, logging and absl verbosity it changes restored."""
+    from absl import logging as absl_logging
+    from tensorflow.python.tools import saved_model_cli
+    root = logging.getLogger()
+    argv_before, handlers_before, level_before = sys.argv, root.handlers[:], root.level
+    verbosity_before = absl_logging.get_verbosity()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        sys.argv = ["saved_model_cli", "run", "--dir", str(model), "--tag_set", "serve",
+                    "--signature_def", signature, "--input_exprs", input_exprs]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                saved_model_cli.main()
+            except SystemExit as e:   # absl's app.run ends with one
+                code = e.code
+    finally:
+        sys.argv = argv_before
+        root.handlers, root.level = handlers_before, level_before
+        absl_logging.set_verbosity(verbosity_before)
+    assert not code, err.getvalue()[-2000:]
+    return out.getvalue()
 
 
 @pytest.fixture(scope="session")
