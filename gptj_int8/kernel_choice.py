@@ -109,15 +109,12 @@ def time_group(shape, per_channel=True, forms=int8_matmul.FORMS, weights_and_bia
         # the kernel's function holds its reordered weight in reference cycles: free it now, where
         # that weight matters (a collection takes a third of a second)
         del fns
-        _collect_if(large)
+        if large:
+            gc.collect()
     del graph, store, fp32   # and the int8 weight, before the next group's
-    _collect_if(large)
-    return Timing(float(np.median(fp32_seconds) * 1000), int8_ms)
-
-
-def _collect_if(large):
     if large:
         gc.collect()
+    return Timing(float(np.median(fp32_seconds) * 1000), int8_ms)
 
 
 def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_channel=True,

@@ -57,11 +57,14 @@ def run_script(script, *args, cwd, check=True, fresh_process=False):
     return proc
 
 
-def _run_in_process(argv, cwd):
+def _run_in_process(argv, cwd, main=None):
+    """A command's `main` (default: the script argv[0] as __main__) in this process, with its argv,
+    cwd, stdout, stderr, root logger, absl verbosity and signal handlers set for it and restored."""
+    from absl import logging as absl_logging
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     argv_before, path_before, cwd_before = sys.argv, list(sys.path), os.getcwd()
-    handlers_before, level_before = root.handlers[:], root.level
+    handlers_before, level_before, verbosity_before = root.handlers[:], root.level, absl_logging.get_verbosity()
     signals_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     returncode = 0
     try:
@@ -71,7 +74,10 @@ def _run_in_process(argv, cwd):
         root.handlers = []                 # so the script's logging.basicConfig writes to its stderr
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(argv[0], run_name="__main__")
+                if main:
+                    main()
+                else:
+                    runpy.run_path(argv[0], run_name="__main__")
             except SystemExit as e:
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
@@ -83,6 +89,7 @@ def _run_in_process(argv, cwd):
         sys.argv, sys.path[:] = argv_before, path_before
         os.chdir(cwd_before)
         root.handlers, root.level = handlers_before, level_before
+        absl_logging.set_verbosity(verbosity_before)
         for signum, handler in signals_before.items():
             signal.signal(signum, handler)
         gc.collect()                       # the script's models, before the next test loads its own
@@ -92,27 +99,13 @@ def _run_in_process(argv, cwd):
 def saved_model_cli_run(model, signature, input_exprs):
     """`saved_model_cli run` on one signature, as a TF Serving user would try a model; its stdout.
     TensorFlow's own command-line main runs inside the test process (a new one would spend most of
-    its 9 s importing TensorFlow), with the argv, logging and absl verbosity it changes restored."""
-    from absl import logging as absl_logging
+    its 9 s importing TensorFlow)."""
     from tensorflow.python.tools import saved_model_cli
-    root = logging.getLogger()
-    argv_before, handlers_before, level_before = sys.argv, root.handlers[:], root.level
-    verbosity_before = absl_logging.get_verbosity()
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    try:
-        sys.argv = ["saved_model_cli", "run", "--dir", str(model), "--tag_set", "serve",
-                    "--signature_def", signature, "--input_exprs", input_exprs]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                saved_model_cli.main()
-            except SystemExit as e:   # absl's app.run ends with one
-                code = e.code
-    finally:
-        sys.argv = argv_before
-        root.handlers, root.level = handlers_before, level_before
-        absl_logging.set_verbosity(verbosity_before)
-    assert not code, err.getvalue()[-2000:]
-    return out.getvalue()
+    proc = _run_in_process(["saved_model_cli", "run", "--dir", str(model), "--tag_set", "serve",
+                            "--signature_def", signature, "--input_exprs", input_exprs], os.getcwd(),
+                           main=saved_model_cli.main)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="session")
