@@ -22,6 +22,9 @@ Edit the flags in __init__ to change the defaults (quantize.py's flags override 
                                    # row several times faster on AVX2; "auto": the faster of the
                                    # two for each kernel as timed on this CPU, or "conv" with
                                    # force_int8 (the same graph on every run and CPU).
+    self.keep_fp32 = ""            # e.g. "out_proj,lm_head": the MatMuls whose layer name (as in
+                                   # transformers' GPT-J: transformer/h_._0/attn/q_proj, ...,
+                                   # lm_head) contains one of these stay FP32 in every signature.
 """
 import gc
 import logging
@@ -42,7 +45,8 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 class ConvertSavedModel:
     def __init__(self, src, dst, calibration_batches, output_dir="./output",
                  itex_mode=None, performance_only=None, per_channel=None, smooth_quant=None, sq_alpha=None,
-                 max_accuracy_drop=None, holdout_batches=(), force_int8=None, int8_kernel=None):
+                 max_accuracy_drop=None, holdout_batches=(), force_int8=None, int8_kernel=None, keep_fp32=None,
+                 kernel_choice=None):
         self.itex_mode = False
         self.performance_only = False
         self.per_channel = True
@@ -51,11 +55,12 @@ class ConvertSavedModel:
         self.max_accuracy_drop = None
         self.force_int8 = False
         self.int8_kernel = "auto"
+        self.keep_fp32 = ""
         # flags given by the caller (quantize.py's command line) override the defaults above
         for name, value in (("itex_mode", itex_mode), ("performance_only", performance_only),
                             ("per_channel", per_channel), ("smooth_quant", smooth_quant),
                             ("sq_alpha", sq_alpha), ("max_accuracy_drop", max_accuracy_drop),
-                            ("force_int8", force_int8), ("int8_kernel", int8_kernel)):
+                            ("force_int8", force_int8), ("int8_kernel", int8_kernel), ("keep_fp32", keep_fp32)):
             if value is not None:
                 setattr(self, name, value)
         self.src = Path(src)
@@ -63,6 +68,10 @@ class ConvertSavedModel:
         self.output_dir = Path(output_dir)
         self.calibration_batches = calibration_batches
         self.holdout_batches = list(holdout_batches)
+        # given instead of timed (tests build any CPU's choices this way): a function (signature,
+        # the group's layer names, kernel_choice.GroupShape) -> kernel_choice.FP32 or an int8 form
+        self.kernel_choice = kernel_choice
+        self.kept_by_request = []   # MatMuls keep_fp32 kept in FP32
         self.kept_in_fp32 = []      # MatMuls the accuracy-aware fallback kept in FP32
         self.kept_for_speed = {}    # signature -> MatMuls kept in FP32 because int8 was slower
         self.kernel_forms = {}      # signature -> {int8 form: number of kernels}
@@ -86,6 +95,7 @@ class ConvertSavedModel:
         found = {}
         for name, graph in graphs.items():
             graphs[name], found[name] = sites.share_equal_inputs(graph, sites.find_matmul_sites(graph))
+        found = self._keep_requested_in_fp32(graphs, found)
         pair_ops = (["ConcatV2"] if self.itex_mode else []) + (["BatchMatMulV2"] if self.performance_only else [])
         pairs = {name: sites.find_pair_inputs(graph, pair_ops) for name, graph in graphs.items()}
         log.info("quantizing %d MatMuls and %d inputs of %s in %s (itex_mode=%s, per_channel=%s, smooth_quant=%s)",
@@ -116,7 +126,7 @@ class ConvertSavedModel:
             found = {name: [s for s in found[name] if sites.weight_key(graphs[name], s) not in kept] for name in graphs}
 
         fused = form is int8_matmul.fuse_int8_matmuls
-        timed = fused and not self.force_int8
+        timed = fused and (self.kernel_choice is not None or not self.force_int8)
         rows = self._rows(graphs, found, prefill) if timed else None   # while every signature still runs
 
         # one int8 copy of each weight for all signatures; an FP32 weight no signature reads in FP32 any
@@ -155,6 +165,23 @@ class ConvertSavedModel:
                  savedmodel.saved_model_size(self.src) / 1e6)
         return out
 
+    def _keep_requested_in_fp32(self, graphs, found):
+        """`found` without the sites keep_fp32 names, in every signature."""
+        patterns = [p.strip() for p in self.keep_fp32.split(",") if p.strip()]
+        if not patterns:
+            return found
+        layers = {sites.module_name(graphs[SERVING], s) for s in found[SERVING]}
+        unknown = [p for p in patterns if not any(p in layer for layer in layers)]
+        if unknown:
+            raise UserError(f"keep_fp32: {', '.join(map(repr, unknown))} names no MatMul; they are named like "
+                            f"{', '.join(sorted(layers)[:2])}, ..., lm_head")
+        for name, graph in graphs.items():
+            found[name], kept = sites.split_by_module(graph, found[name], patterns)
+            log.info("%s: FP32 kept for %d MatMuls, as keep_fp32=%r asks", name, len(kept), self.keep_fp32)
+        self.kept_by_request = sorted(layers - {sites.module_name(graphs[SERVING], s) for s in found[SERVING]})
+        log.info("kept in FP32 by keep_fp32: %s", ", ".join(self.kept_by_request))
+        return found
+
     @staticmethod
     def _int8_only(graphs, found):
         """Ids of the variables that no signature reads but as the weight of one of `found`'s sites
@@ -186,20 +213,24 @@ class ConvertSavedModel:
             forms[name] = {}
             if name not in rows:
                 continue
-            chosen = kernel_choice.choose_kernels(graph, found[name], rows[name], timings, int8_weights,
-                                                  self.per_channel, allowed)
+            if self.kernel_choice is None:
+                chosen = kernel_choice.choose_kernels(graph, found[name], rows[name], timings, int8_weights,
+                                                      self.per_channel, allowed)
+            else:
+                chosen = kernel_choice.given_kernels(graph, found[name], rows[name],
+                                                     lambda modules, shape: self.kernel_choice(name, modules, shape))
             by_shape = {}
             for activation, (choice, group, shape, timing) in chosen.items():
                 forms[name][activation] = choice
                 if choice == kernel_choice.FP32:
-                    by_shape.setdefault(shape, []).extend(s.matmul for s in group)
+                    by_shape.setdefault(shape, []).extend(sites.module_name(graph, s) for s in group)
             for shape, names in by_shape.items():
                 log.info("%s: FP32 kept for %d MatMuls of %s, where int8 is slower on this CPU (%s): %s%s",
-                         name, len(names), shape, timings[shape], ", ".join(names[:3]),
+                         name, len(names), shape, timings.get(shape, "choice given"), ", ".join(names[:3]),
                          f" and {len(names) - 3} more" if len(names) > 3 else "")
+            kept = {a for a, (choice, *_) in chosen.items() if choice == kernel_choice.FP32}
             self.kept_for_speed[name] = [n for names in by_shape.values() for n in names]
-            kept_names = set(self.kept_for_speed[name])
-            found[name] = [s for s in found[name] if s.matmul not in kept_names]
+            found[name] = [s for s in found[name] if s.activation not in kept]
             int8_weights |= {sites.weight_key(graph, s) for s in found[name]}
         return found, forms
 

@@ -49,6 +49,9 @@ def main():
                    help="the int8 kernel: oneDNN's inner product (matmul), its 1x1 convolution (conv), or the "
                         "faster of the two for each kernel as timed on this CPU (auto, the default; conv with "
                         "--force_int8)")
+    p.add_argument("--keep_fp32", default=None, metavar="NAMES",
+                   help="comma-separated parts of layer names (q_proj, k_proj, v_proj, out_proj, fc_in, fc_out, "
+                        "lm_head, h_._0/, ...) whose MatMuls stay FP32 in every signature, e.g. out_proj,lm_head")
     p.add_argument("--holdout_samples", type=cli.positive_int, default=200,
                    help="passages after the calibration ones, for --max_accuracy_drop")
     p.add_argument("--engine", choices=["ours", "inc"], default="ours",
@@ -101,7 +104,7 @@ def main():
                                   per_channel=args.per_channel, smooth_quant=args.smooth_quant,
                                   sq_alpha=args.sq_alpha, max_accuracy_drop=args.max_accuracy_drop,
                                   holdout_batches=data.batches(holdout, 8, tokenizer.pad_token_id),
-                                  force_int8=args.force_int8, int8_kernel=args.int8_kernel)
+                                  force_int8=args.force_int8, int8_kernel=args.int8_kernel, keep_fp32=args.keep_fp32)
     converter()
 
 

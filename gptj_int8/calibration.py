@@ -54,17 +54,28 @@ def collect_activation_ranges(graph, tensors, batches):
     return Ranges({t: (a, b) for t, a, b in zip(tensors, lo, hi)})
 
 
+# Where generation runs decode besides the last token: a short prompt's first steps, which attend to
+# few positions and so more strongly to each (the softmax's largest values).
+SHORT_CONTEXTS = (1, 7)
+
+
 def decode_batches(prefill, batches):
-    """Inputs of the decode signature, from calibration batches: each passage but its last token
-    through `prefill` (the FP32 signature), then that token with the cache it returned.
+    """Inputs of the decode signature, from calibration batches, at the positions generation runs
+    it at: each passage's last token after the rest (first, the common step), its 2nd and 8th
+    token after the ones before them, and the whole passage from an empty cache (the `generate`
+    signature's prompt). The earlier tokens go through `prefill` (the FP32 signature) for the cache.
     The passages are right-padded: a batch of several is cut to its shortest passage. A generator:
     one cache at a time is held (a 6B model's is ~100 MB per passage)."""
     for input_ids, attention_mask, *_ in batches:
         n = int(attention_mask.sum(axis=1).min())
         if n < 2:
             continue
-        first = prefill(input_ids=tf.constant(input_ids[:, :n - 1]), attention_mask=tf.constant(attention_mask[:, :n - 1]))
-        yield input_ids[:, n - 1:n], attention_mask[:, :n], first["past_key_values"].numpy()
+        input_ids, attention_mask = input_ids[:, :n], attention_mask[:, :n]
+        for k in (n - 1, *(k for k in SHORT_CONTEXTS if k < n - 1)):
+            first = prefill(input_ids=tf.constant(input_ids[:, :k]), attention_mask=tf.constant(attention_mask[:, :k]))
+            cache = first["past_key_values"].numpy()
+            yield input_ids[:, k:k + 1], attention_mask[:, :k + 1], cache
+        yield input_ids, attention_mask, np.zeros(cache.shape[:4] + (0,) + cache.shape[5:], np.float32)
 
 
 def activation_rows(graph, tensors, batch):

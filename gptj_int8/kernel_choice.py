@@ -134,3 +134,11 @@ def choose_kernels(graph, found, rows, timings, int8_weights=frozenset(), per_ch
         copy = any(sites.weight_key(graph, s) in int8_weights for s in group)
         chosen[activation] = (timings[shape].choice(COPY_MARGIN if copy else TIE_MARGIN), group, shape, timings[shape])
     return chosen
+
+
+def given_kernels(graph, found, rows, choose):
+    """choose_kernels' answer where the choice is given, not timed: `choose(layer names, GroupShape)`
+    returns FP32 or a form for each group (tests build any CPU's choices on every CPU this way)."""
+    return {activation: (choose([sites.module_name(graph, s) for s in group], shape), group, shape, None)
+            for activation, group in int8_matmul.kernel_groups(graph, found).items()
+            for shape in [group_shape(graph, group, rows[activation])]}

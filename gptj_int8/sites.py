@@ -26,6 +26,20 @@ def weight_key(graph, site):
     return id(graph.feeds[site.weight])
 
 
+def module_name(graph, site):
+    """The Dense layer a site belongs to, named as in transformers' GPT-J and the same in every
+    signature whatever its graph calls the MatMul: its weight variable's name without the model's
+    own scope and `/kernel:0`, e.g. 'transformer/h_._0/attn/q_proj' or 'lm_head'."""
+    name = graph.feeds[site.weight].name.split(":")[0].removesuffix("/kernel")
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def split_by_module(graph, sites, patterns):
+    """(sites whose module_name contains none of `patterns`, sites whose module_name contains one)."""
+    matched = [any(p in module_name(graph, s) for p in patterns) for s in sites]
+    return [s for s, m in zip(sites, matched) if not m], [s for s, m in zip(sites, matched) if m]
+
+
 def _variable_placeholder(index, graph, tensor):
     """The placeholder bound to a variable behind `tensor` (a ReadVariableOp), else None."""
     read = index.through_identity(tensor)

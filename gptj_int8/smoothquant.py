@@ -34,7 +34,12 @@ def smooth_activations(graph, sites, ranges, alpha, cache=None):
     """SmoothQuant: each tensor entering MatMuls gets channel k divided by s_k (smoothing_scales)
     by a Mul in the graph, and the weights it feeds get row k multiplied by s_k when they are
     quantized. The product is unchanged; the activation's range, which int8 must cover, shrinks.
-    Returns the graph, the sites (now fed by the smoothed tensors) and their ranges."""
+    Returns the graph, the sites (their activation now the smoothed tensor) and their ranges.
+
+    The MatMuls themselves still read the unsmoothed tensor: only an int8 kernel or QDQ pair built
+    for a site reads the smoothed one, beside the weight scaled to match. A MatMul that stays FP32
+    (slower in int8 on this CPU, --keep_fp32, the accuracy-aware fallback) keeps its FP32 weight and
+    so must keep its input as it was."""
     scales = smoothing_scales(graph, sites, ranges, alpha, cache)
     rw = Rewriter(graph)
     smoothed_ranges = dict(ranges)
@@ -45,8 +50,6 @@ def smooth_activations(graph, sites, ranges, alpha, cache=None):
         rw.add(make_const(f"{name}/inverse_scale", (1.0 / scale).astype(np.float32), tf.float32),
                make_node("Mul", name, [activation, f"{name}/inverse_scale"], T=tf.float32))
         smoothed_ranges[name] = (float((lo / scale).min()), float((hi / scale).max()))
-        for site in sites:
-            if site.activation == activation:
-                rw.replace_input(site.matmul, 0, name)
-                smoothed.append(dataclasses.replace(site, activation=name, row_scale=scale))
+        smoothed += [dataclasses.replace(site, activation=name, row_scale=scale)
+                     for site in sites if site.activation == activation]
     return rw.finish(), smoothed, smoothed_ranges

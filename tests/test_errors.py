@@ -49,6 +49,12 @@ def test_zero_calibration_samples(tmp_path, tiny_fp32):
     _fails_cleanly(proc, "positive integer")
 
 
+def test_keep_fp32_name_that_is_no_layer(tmp_path, tiny_fp32):
+    proc = run_script("quantize.py", "--input_model", tiny_fp32, "--converted_model", tmp_path / "int8",
+                      "--calib_samples", "1", "--keep_fp32", "out_proj, attn_out", cwd=tmp_path, check=False)
+    _fails_cleanly(proc, "'attn_out' names no MatMul", "transformer/h_._0/attn/k_proj")
+
+
 def test_unreadable_pb(tmp_path):
     bad = tmp_path / "broken.pb"
     bad.write_bytes(b"\x0a\xff\xff\xff garbage")
