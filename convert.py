@@ -37,6 +37,10 @@ from gptj_int8.generation import DECODE, PREFILL, SERVING
 
 log = logging.getLogger(__name__)
 
+# The FP32 weights a signature's whole step may read back from the source model to be timed beside
+# its int8 step, call by call (_keep_fastest_steps): a model of GPT-J-6B's width has more per layer.
+STEP_REFILL_BYTES = 256 << 20
+
 # Files prepare_model.py writes beside the SavedModel, carried over to the converted one.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")
@@ -127,7 +131,8 @@ class ConvertSavedModel:
 
         fused = form is int8_matmul.fuse_int8_matmuls
         timed = fused and (self.kernel_choice is not None or not self.force_int8)
-        rows = self._rows(graphs, found, prefill) if timed else None   # while every signature still runs
+        whole_steps = timed and self.kernel_choice is None
+        steps = self._step_inputs(graphs, found, prefill) if timed else None   # while every signature still runs
 
         # one int8 copy of each weight for all signatures; an FP32 weight no signature reads in FP32 any
         # more is freed as soon as its int8 copy exists, so the conversion never holds both. The
@@ -138,21 +143,27 @@ class ConvertSavedModel:
 
         form_everywhere = int8_matmul.DEFAULT_FORM if self.int8_kernel == "auto" else self.int8_kernel
         forms = {name: {s.activation: form_everywhere for s in found[name]} for name in graphs}
+        fp32_graphs, fp32_ms, every_site = {}, {}, dict(found)
+        if whole_steps:   # each signature with its MatMuls FP32; timed now, while their weights are all
+            for name, (inputs, _) in steps.items():   # here, unless they may be read back later
+                fp32_graphs[name] = graphs[name].copy()
+                if store.bytes([graphs[name].feeds[s.weight] for s in found[name]]) > STEP_REFILL_BYTES:
+                    fp32_ms[name], = kernel_choice.time_steps([fp32_graphs[name]], inputs)
         if timed:
-            found, forms = self._choose_kernels(graphs, found, rows)
+            found, forms = self._choose_kernels(graphs, found, {name: rows for name, (_, rows) in steps.items()})
 
         store.release |= self._int8_only(graphs, found)
         for name, graph in graphs.items():
             if fused:
-                activations = {s.activation for s in found[name]}
-                chosen = [forms[name][a] for a in activations]
-                self.kernel_forms[name] = {f: chosen.count(f) for f in int8_matmul.FORMS if f in chosen}
-                log.info("%s: %d MatMuls -> %d int8 kernels (%s)", name, len(found[name]), len(activations),
-                         ", ".join(f"{n} {f}" for f, n in self.kernel_forms[name].items()) or "none")
-                graph = form(graph, found[name], ranges[name], store, forms[name])
+                self._log_kernels(name, found[name], forms[name])
+                graphs[name] = form(graph, found[name], ranges[name], store, forms[name])
             else:
                 log.info("%s: %d MatMuls -> %d int8 QDQ MatMuls", name, len(found[name]), len(found[name]))
-                graph = form(graph, found[name], ranges[name], store)
+                graphs[name] = form(graph, found[name], ranges[name], store)
+        if whole_steps:
+            self._keep_fastest_steps(graphs, fp32_graphs, fp32_ms, steps, every_site, found, forms, ranges, store)
+        del fp32_graphs
+        for name, graph in graphs.items():
             graphs[name] = savedmodel.prune(graph)
             dump = "converted_graph_def.pb" if name == SERVING else f"converted_{name}_graph_def.pb"
             savedmodel.write_graph_def(graphs[name].graph_def, self.output_dir / dump)
@@ -193,20 +204,69 @@ class ConvertSavedModel:
             other |= x
         return only - other
 
-    def _rows(self, graphs, found, prefill):
-        """{signature: {activation: rows}}: the rows each MatMul reads in each signature for a passage
-        of median length (its tokens; in decode, one)."""
+    def _step_inputs(self, graphs, found, prefill):
+        """{signature: (inputs, {activation: rows})}: each signature's inputs for a passage of median
+        length (in decode, its last token after the rest), and the rows each MatMul reads there."""
         batch = sorted(self.calibration_batches, key=lambda b: int(b[1].sum()))[len(self.calibration_batches) // 2]
-        rows = {}
+        steps = {}
         for name, graph in graphs.items():
             inputs = next(calibration.decode_batches(prefill, [batch]), None) if name == DECODE else batch
             if found[name] and inputs is not None:   # a passage of one token has no decode step
-                rows[name] = calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
-        return rows
+                inputs = tuple(inputs[:len(graph.inputs)])
+                steps[name] = inputs, calibration.activation_rows(graph, [s.activation for s in found[name]], inputs)
+        return steps
+
+    def _log_kernels(self, name, found, forms):
+        activations = {s.activation for s in found}
+        chosen = [forms[a] for a in activations]
+        self.kernel_forms[name] = {f: chosen.count(f) for f in int8_matmul.FORMS if f in chosen}
+        log.info("%s: %d MatMuls -> %d int8 kernels (%s)", name, len(found), len(activations),
+                 ", ".join(f"{n} {f}" for f, n in self.kernel_forms[name].items()) or "none")
+
+    def _keep_fastest_steps(self, graphs, fp32_graphs, fp32_ms, steps, every_site, found, forms, ranges, store):
+        """Each signature's whole step as chosen kernel by kernel, against every MatMul int8 (where
+        that differs) and every MatMul FP32: the fastest is kept, so that no signature is slower
+        than FP32 on this CPU. Kernels timed one by one miss what the step pays besides them:
+        quantizing activations, splits, caches.
+
+        The three are called in turn when the signature's MatMul weights fit STEP_REFILL_BYTES in
+        FP32 (those already released are read back from the source model's checkpoint for it); above
+        it, where int8 is several times faster, FP32 is the step timed before any weight was
+        converted, so that the conversion never holds the FP32 and int8 models together."""
+        read = lambda names: savedmodel.read_variables(self.src, names)   # noqa: E731
+        for name, (inputs, _) in steps.items():
+            candidates = {"as chosen": graphs[name]}
+            if len(found[name]) < len(every_site[name]):
+                candidates["all int8"] = int8_matmul.fuse_int8_matmuls(
+                    fp32_graphs[name].copy(), every_site[name], ranges[name], store, forms[name])
+            fp32_weights = savedmodel.prune(fp32_graphs[name]).variables()
+            refill = name not in fp32_ms
+            refilled = store.refill(fp32_weights, read) if refill else []
+            if refill:
+                candidates["FP32"] = fp32_graphs[name]
+            ms = dict(zip(candidates, kernel_choice.time_steps(list(candidates.values()), inputs)))
+            if not refill:
+                ms["FP32"] = fp32_ms[name]
+            best = min(ms, key=ms.get)
+            log.info("%s, whole step%s: %s -> %s", name, "" if refill else " (FP32 timed before converting)",
+                     ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), best)
+            if best == "FP32":
+                store.refill(fp32_weights, read)   # where they were not read back for the timing
+                graphs[name], found[name] = fp32_graphs[name], []
+            else:
+                store.release_again(refilled)
+            if best == "all int8":
+                graphs[name], found[name] = candidates[best], every_site[name]
+            if best == "as chosen":
+                continue
+            self.kept_for_speed[name] = sorted({sites.module_name(graphs[name], s) for s in every_site[name]}
+                                               - {sites.module_name(graphs[name], s) for s in found[name]})
+            self._log_kernels(name, found[name], forms[name])
 
     def _choose_kernels(self, graphs, found, rows):
         """(`found` without the groups of MatMuls that are faster in FP32, {signature: {activation:
-        int8 form}}), timed on this CPU at the `rows` of each signature (_rows)."""
+        int8 form, the fastest for each group, kept ones too}}), timed on this CPU at the `rows` of
+        each signature (_step_inputs)."""
         timings, int8_weights, forms = {}, set(), {}
         allowed = int8_matmul.FORMS if self.int8_kernel == "auto" else (self.int8_kernel,)
         for name, graph in graphs.items():
@@ -221,7 +281,8 @@ class ConvertSavedModel:
                                                      lambda modules, shape: self.kernel_choice(name, modules, shape))
             by_shape = {}
             for activation, (choice, group, shape, timing) in chosen.items():
-                forms[name][activation] = choice
+                forms[name][activation] = (choice if choice != kernel_choice.FP32 else
+                                           timing.fastest_form() if timing else int8_matmul.DEFAULT_FORM)
                 if choice == kernel_choice.FP32:
                     by_shape.setdefault(shape, []).extend(sites.module_name(graph, s) for s in group)
             for shape, names in by_shape.items():

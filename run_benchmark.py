@@ -27,7 +27,7 @@ import json
 import os
 from pathlib import Path
 
-from gptj_int8 import cli, data, evaluation, memory, models, savedmodel
+from gptj_int8 import benchmark, cli, data, evaluation, memory, models, savedmodel
 
 DEFAULT_MODEL = models.default_export_dir(models.BUNDLED_MODEL)
 
@@ -115,7 +115,7 @@ def main():
               f"n={r['num_samples']}")
     print(f"INT8 vs FP32: agreement {results['agreement'] * 100:.2f}%, logit cosine {results['logit_cosine']:.5f}, "
           f"KL {results['kl_divergence']:.5f} nats, accuracy difference p={results['accuracy_diff_pvalue']:.3f} "
-          f"(McNemar), speed-up {results['speedup']:.2f}x, "
+          f"(McNemar), {benchmark.faster_or_slower(results['speedup'])}, "
           f"size {results['size_mb']['converted']:.1f} MB vs {results['size_mb']['original']:.1f} MB")
     together, available = (memory.gb(results["memory"][k] * 1e9) for k in ("together_gb", "available_gb"))
     if results["timing"] == memory.INTERLEAVED:
@@ -130,7 +130,7 @@ def main():
             r = results[name]
             print(f"{name:>9}: first token {r['first_token_ms']:.1f} ms, next token {r['next_token_ms']:.2f} ms, "
                   f"{r['tokens_per_s']:.1f} tokens/s")
-        print(f"INT8 vs FP32: next token {results['next_token_speedup']:.2f}x faster, teacher-forced agreement "
+        print(f"INT8 vs FP32: next token {benchmark.faster_or_slower(results['next_token_speedup'])}, teacher-forced agreement "
               f"{results['teacher_forced_agreement'] * 100:.2f}%, common prefix {results['common_prefix']:.1f} "
               f"of {results['max_new_tokens']} tokens")
 

@@ -32,19 +32,25 @@ def _call(fn, batch):
     fn(input_ids=tf.constant(batch[0]), attention_mask=tf.constant(batch[1]))["logits"].numpy()
 
 
-def time_models(fns, batches, warmup, iterations, progress=True):
+def time_models(fns, batches, warmup, iterations, progress=True, call=_call):
     """Seconds per call of each function, interleaved call by call over `batches` (cycled),
-    so that a noisy machine slows every model alike."""
+    so that a noisy machine slows every model alike. `call(fn, batch)` runs one (default: a
+    signature function on a batch's input_ids and attention_mask)."""
     for i in range(warmup):
         for fn in fns:
-            _call(fn, batches[i % len(batches)])
+            call(fn, batches[i % len(batches)])
     seconds = [[] for _ in fns]
     for i in tqdm(range(iterations), desc="timing", unit="it", disable=not progress):
         for fn, out in zip(fns, seconds):
             start = time.perf_counter()
-            _call(fn, batches[i % len(batches)])
+            call(fn, batches[i % len(batches)])
             out.append(time.perf_counter() - start)
     return [np.array(s) for s in seconds]
+
+
+def faster_or_slower(speedup):
+    """A speed ratio (FP32 time / INT8 time) in words: '1.32x faster', or '1.14x slower' under 1."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def logit_cosine_rows(a, b):

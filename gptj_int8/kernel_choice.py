@@ -16,6 +16,7 @@ import gc
 import logging
 
 import numpy as np
+import tensorflow as tf
 
 from . import benchmark, int8_matmul, savedmodel, sites, weights
 
@@ -142,3 +143,18 @@ def given_kernels(graph, found, rows, choose):
     return {activation: (choose([sites.module_name(graph, s) for s in group], shape), group, shape, None)
             for activation, group in int8_matmul.kernel_groups(graph, found).items()
             for shape in [group_shape(graph, group, rows[activation])]}
+
+
+def time_steps(graphs, inputs, warmup=2, budget_s=1.0):
+    """Median ms per call of each graph's whole step (ServingGraphs of one signature, called on
+    `inputs`, a tuple in the order of their inputs), called in turn, at least 3 times each and for
+    about `budget_s` seconds in all."""
+    fns = [g.function() for g in graphs]
+
+    def call(fn, batch):
+        fn(*map(tf.constant, batch))
+
+    first = benchmark.time_models(fns, [inputs], warmup, 1, progress=False, call=call)
+    calls = int(np.clip(budget_s / max(sum(t[0] for t in first), 1e-6), 3, 200))
+    seconds = benchmark.time_models(fns, [inputs], 0, calls, progress=False, call=call)
+    return [float(np.median(s) * 1000) for s in seconds]

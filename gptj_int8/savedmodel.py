@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2, trackable_object_graph_pb2
 from tensorflow.python.grappler import tf_optimizer
 
 from . import generation
@@ -196,6 +196,21 @@ def _inline_functions(fn):
     return graph_def
 
 
+def read_variables(path, names):
+    """{name: value} of the variables of the SavedModel at `path` with these names, read from its
+    checkpoint alone (the model is not loaded): its object graph gives each variable's key."""
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+    reader = tf.train.load_checkpoint(str(Path(path) / "variables" / "variables"))
+    checkpoint = trackable_object_graph_pb2.TrackableObjectGraph()
+    checkpoint.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    # the two object graphs number their nodes alike
+    keys = {node.variable.name: checkpoint.nodes[i].attributes[0].checkpoint_key
+            for i, node in enumerate(saved.meta_graphs[0].object_graph_def.nodes)
+            if node.WhichOneof("kind") == "variable" and checkpoint.nodes[i].attributes}
+    return {name: reader.get_tensor(keys[name]) for name in names}
+
+
 def extract_serving_graph(loaded, fn, signature=SIGNATURE):
     """A signature's function as a ServingGraph (weights bound to the loaded variables)."""
     variables = {id(v.handle): v for v in tf.train.TrackableView(loaded).descendants()
@@ -312,7 +327,7 @@ def _signature_function(graph):
 def save_serving_graph(graphs, out_dir, extra_files=(), eos_token_id=None, n_positions=None):
     """Rebuild a SavedModel from `graphs` ({signature: ServingGraph}, or one ServingGraph for
     serving_default). With prefill and decode (and the model's EOS and context length), the
-    `generate` signature is built over them (generation.greedy_generate). Variables shared by
+    `generate` signature is built over them (generation.generate_signature). Variables shared by
     several graphs are stored once.
 
     Written through atomic_folder, so a failed run leaves an existing model untouched.
@@ -336,7 +351,7 @@ def save_serving_graph(graphs, out_dir, extra_files=(), eos_token_id=None, n_pos
         module.weights = variables
         signatures = {name: _signature_function(graph) for name, graph in graphs.items()}
         if all(s in graphs for s in generation.STEPS) and eos_token_id is not None and n_positions:
-            signatures[generation.GENERATE] = generation.greedy_generate(
+            signatures[generation.GENERATE] = generation.generate_signature(
                 signatures[generation.DECODE], eos_token_id, n_positions)
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         for f in extra_files:

@@ -152,6 +152,26 @@ class Int8Weights:
                 tf.raw_ops.AssignVariableOp(resource=w.handle, value=tf.zeros([0], w.dtype), validate_shape=False)
                 self._released.add(id(w))
 
+    @staticmethod
+    def bytes(variables):
+        """The bytes of these variables' values (each counted once)."""
+        unique = {id(w): w for w in variables}.values()
+        return sum(int(np.prod(w.shape)) * w.dtype.size for w in unique)
+
+    def refill(self, variables, read):
+        """Give the released ones of `variables` their FP32 values back, from `read(names)` ->
+        {name: array} (the source model's checkpoint), and return them: a step runs in FP32."""
+        released = [w for w in variables if id(w) in self._released]
+        values = read([w.name.split(":")[0] for w in released]) if released else {}
+        for w in released:
+            tf.raw_ops.AssignVariableOp(resource=w.handle, value=values[w.name.split(":")[0]], validate_shape=False)
+            self._released.discard(id(w))
+        return released
+
+    def release_again(self, variables):
+        """Empty refilled variables again: no step reads them in FP32 after all."""
+        self._free(variables)
+
     def matmul(self, graph, sites):
         """The weights of `sites` side by side as one int8 variable [K, sum of N], with the
         absolute maximum each column scales to and each column's int8 sum."""

@@ -327,6 +327,7 @@ def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monk
     log names every timed shape with its times and choice, and quantize.py's log line per
     signature counts each form."""
     import logging
+    import convert
     from convert import ConvertSavedModel
     from gptj_int8 import data, models
 
@@ -334,7 +335,12 @@ def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monk
         fp32 = 0.5 if shape.widths == (64,) and shape.depth == 64 else 1.0
         return kernel_choice.Timing(fp32, {"matmul": 0.9, "conv": 0.8 if shape.rows == 1 else 0.95})
 
+    def steps(graphs, inputs):   # whole steps: FP32 alone, then as chosen (the fastest) and all int8
+        return [2.0] if len(graphs) == 1 else [1.0] + [1.5] * (len(graphs) - 1)
+
     monkeypatch.setattr(kernel_choice, "time_group", timer)
+    monkeypatch.setattr(kernel_choice, "time_steps", steps)
+    monkeypatch.setattr(convert, "STEP_REFILL_BYTES", 0)   # as at GPT-J-6B's width: FP32 timed before converting
     tok = models.load_tokenizer(tiny_fp32)
     batches = data.batches(data.encode_passages(tok, data.load_passages(data.CALIBRATION_SET, 4), 256), 1,
                            tok.pad_token_id)
@@ -348,6 +354,7 @@ def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monk
     assert converter.kernel_forms == {"serving_default": {"matmul": 5}, "prefill": {"matmul": 4, "conv": 1},
                                       "decode": {"conv": 5}}
     assert len(converter.kept_for_speed["decode"]) == 2
+    assert "decode, whole step (FP32 timed before converting): as chosen 1.000 ms, all int8 1.500 ms, FP32 2.000 ms -> as chosen" in log
     for step, dump in (("serving_default", "converted_graph_def.pb"), ("prefill", "converted_prefill_graph_def.pb"),
                        ("decode", "converted_decode_graph_def.pb")):
         g = tf.compat.v1.GraphDef()
@@ -357,3 +364,44 @@ def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monk
         assert ops.count("MatMul") == 2
         assert f"{step}: 13 MatMuls -> 5 int8 kernels" not in log   # the FP32 ones are not counted as int8
         assert f"{step}: 11 MatMuls -> 5 int8 kernels" in log
+
+
+def test_each_signature_keeps_the_fastest_whole_step(tiny_fp32, tmp_path, monkeypatch, caplog):
+    """Kernels timed one by one keep out_proj FP32 everywhere; then whole steps decide: in
+    serving_default every MatMul int8 is fastest, in decode FP32 (its released weights read back
+    from the source model's checkpoint), in prefill the kernels as chosen."""
+    import logging
+    from convert import ConvertSavedModel
+    from gptj_int8 import data, models
+    from gptj_int8.generation import CACHE
+
+    def timer(shape, per_channel, forms, weights_and_biases):
+        return kernel_choice.Timing(0.5 if shape.widths == (64,) and shape.depth == 64 else 1.0, {"matmul": 0.9})
+
+    def steps(graphs, inputs):   # as chosen, all int8, FP32, called in turn
+        signature = "decode" if len(inputs) == 3 else "prefill" if CACHE in graphs[0].outputs else "serving_default"
+        return {"serving_default": [1.5, 1.2, 2.0], "prefill": [1.2, 1.5, 2.0], "decode": [1.5, 1.4, 1.0]}[signature]
+
+    monkeypatch.setattr(kernel_choice, "time_group", timer)
+    monkeypatch.setattr(kernel_choice, "time_steps", steps)
+    tok = models.load_tokenizer(tiny_fp32)
+    batches = data.batches(data.encode_passages(tok, data.load_passages(data.CALIBRATION_SET, 4), 256), 1,
+                           tok.pad_token_id)
+    converter = ConvertSavedModel(tiny_fp32, tmp_path / "int8", batches, tmp_path / "out")
+    with caplog.at_level(logging.INFO):
+        converter()
+    assert converter.kernel_forms == {"serving_default": {"matmul": 7}, "prefill": {"matmul": 5}, "decode": {}}
+    assert converter.kept_for_speed["serving_default"] == []
+    assert len(converter.kept_for_speed["prefill"]) == 2 and len(converter.kept_for_speed["decode"]) == 13
+    assert "decode, whole step: as chosen 1.500 ms, all int8 1.400 ms, FP32 1.000 ms -> FP32" in caplog.text
+    assert "serving_default, whole step: as chosen 1.500 ms, all int8 1.200 ms, FP32 2.000 ms -> all int8" in caplog.text
+
+    fp32, int8 = tf.saved_model.load(str(tiny_fp32)), tf.saved_model.load(str(tmp_path / "int8"))
+    ids = tf.constant([[5, 6, 7, 8]])
+    past = fp32.signatures["prefill"](input_ids=ids, attention_mask=tf.ones_like(ids))[CACHE]
+    outs = [m.signatures["decode"](input_ids=tf.constant([[9]]), attention_mask=tf.ones([1, 5], tf.int32),
+                                   past_key_values=tf.identity(past))["logits"].numpy() for m in (fp32, int8)]
+    # FP32 MatMuls on the weights read back from the checkpoint; only the embedding is int8
+    assert float(np.sum(outs[0] * outs[1]) / np.linalg.norm(outs[0]) / np.linalg.norm(outs[1])) > 0.9999
+    ops = [n.op for n in savedmodel.read_graph_def(tmp_path / "out" / "converted_decode_graph_def.pb").node]
+    assert ops.count("MatMul") == 13 and not set(int8_matmul.KERNEL_OPS.values()) & set(ops)
