@@ -4,19 +4,24 @@ Every INC call of the project lives here. INC's TensorFlow path freezes the Save
 GraphDef whose weights are constants (capped at 2 GB by protobuf) and needs many times the
 model's size in memory, so the run is refused up front when the estimate does not fit; the
 default engine (convert.ConvertSavedModel) keeps weights in variables and has neither limit.
+INC's graph is then made to compute the same on every CPU: its layer norms fused with the model's
+epsilon, which TensorFlow's oneDNN rewrites would otherwise replace by 0.001, and its activation
+ranges given whole zero points, on which TensorFlow's and oneDNN's QuantizeV2 agree.
 """
 import collections
 import contextlib
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from . import savedmodel
 from .cli import UserError
-from .graph import make_node
+from .graph import GraphIndex, make_const, make_node, node_name
 from .memory import available_memory
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,8 @@ INC_PEAK_PER_MODEL_BYTE = 40.0
 PROTOBUF_LIMIT_BYTES = 2 ** 31      # INC serialises the frozen graph, weights included, in one protobuf
 INC_OUTPUT = "Identity"             # the output INC's frozen graph ends in (serving_default's logits)
 INC_INT8_MATMUL = "QuantizedMatMulWithBiasAndDequantize"
+FUSED_LAYER_NORM = "_MklLayerNorm"  # oneDNN's layer norm, which TensorFlow's remapper fuses GPT-J's into
+U8_LEVELS = 255                     # INC's activations take every u8 level (ours take 128, weights.ACTIVATION_LEVELS)
 
 
 # ---------------------------------------------------------------- flags and memory, before any work
@@ -143,7 +150,12 @@ def quantize_saved_model(src, dst, calibration_batches, output_dir, smooth_quant
         model = Model(str(src), conf={"workspace_path": str(workspace)})
         # INC picks its ITEX backend whenever ITEX is installed; the flag decides here
         TFConfig.global_config["backend"] = "itex" if itex_mode else "default"
-        fp32_graph = model.graph_def
+        fp32_graph, fixed = with_layer_norm_epsilon(model.graph_def, layer_norm_epsilon(src))
+        if fixed:
+            model.graph_def = fp32_graph    # INC calibrates on it: its ranges are those of the model it serves
+            epsilons = sorted({n.attr["epsilon"].f for n in fp32_graph.node if n.op == FUSED_LAYER_NORM})
+            log.info("INC: %d layer norms fused as %s with the model's epsilon %s (%s)", fixed, FUSED_LAYER_NORM,
+                     ", ".join(f"{e:.3g}" for e in epsilons), LAYER_NORM_WHY)
         savedmodel.write_graph_def(fp32_graph, output_dir / "extracted_graph_def.pb")
         inputs = sorted(model.input_tensor_names)
         if inputs != sorted(savedmodel.INPUTS) or model.output_tensor_names != [INC_OUTPUT]:
@@ -154,7 +166,9 @@ def quantize_saved_model(src, dst, calibration_batches, output_dir, smooth_quant
                  op_counts(fp32_graph)["MatMul"], itex_mode, smooth_quant and sq_alpha)
         loader = CalibrationLoader(calibration_batches)
         quantized = quantize_model(model, configs, loader, calib_iteration=len(loader))
-    graph_def = stock_tf_graph(quantized.graph_def)
+    graph_def, moved = with_whole_zero_points(stock_tf_graph(quantized.graph_def))
+    log.info("INC: %d activation ranges moved to a whole zero point (int32 bias compensated), so that "
+             "TensorFlow's QuantizeV2 and oneDNN's give the same int8 input", moved)
     savedmodel.write_graph_def(graph_def, output_dir / "converted_graph_def.pb")
     ops = op_counts(graph_def)
     int8 = ops["_QuantizedMatMul"]
@@ -192,6 +206,156 @@ def stock_tf_graph(graph_def):
             transpose_a=node.attr["transpose_a"].b, transpose_b=node.attr["transpose_b"].b,
             is_weight_const=True, is_bias_const=True))
     return out
+
+
+# ---------------------------------------------------------------- INC's graph, right on every CPU
+
+LAYER_NORM_WHY = ("TensorFlow's oneDNN rewrites, on by default on CPUs with AVX-512 VNNI, BF16 or AMX, would fuse "
+                  "them with epsilon 0.001: argmax agreement with FP32 0.85 instead of 0.99 on the bundled model")
+
+
+def layer_norm_epsilon(model_dir):
+    """GPT-J's layer_norm_epsilon from the config.json beside a SavedModel, or None."""
+    config = Path(model_dir) / "config.json"
+    return json.loads(config.read_text()).get("layer_norm_epsilon") if config.is_file() else None
+
+
+def with_layer_norm_epsilon(graph_def, epsilon):
+    """(INC's frozen graph with every layer norm one `_MklLayerNorm` of the model's epsilon, how many changed).
+
+    INC freezes the weights into constants, and TensorFlow's grappler remapper, whenever its oneDNN
+    rewrites are on (TF_ENABLE_ONEDNN_OPTS, the default on CPUs with AVX-512 VNNI, BF16 or AMX),
+    fuses a layer norm of constant gamma and beta into `_MklLayerNorm` without its epsilon: the op's
+    default 0.001 replaces GPT-J's 1e-5 (TF 2.21, measured). It does so when INC loads the
+    SavedModel, and again whenever the saved graph is loaded on such a CPU, so even a graph
+    converted on an AVX2 CPU, right there, goes wrong on a VNNI one. The remapper leaves a fused
+    layer norm alone, and `_MklLayerNorm` runs with the rewrites off too. Written-out layer norms
+    keep their own epsilon; fused ones take `epsilon` (config.json's: the fusion dropped the graph's)."""
+    index = GraphIndex(graph_def)
+    fused = {}
+    for node in graph_def.node:
+        if node.op == FUSED_LAYER_NORM and node.attr["epsilon"].f != np.float32(epsilon or 0):
+            if epsilon is None:
+                raise UserError("INC's frozen graph fused the layer norms and lost their epsilon, and the input "
+                                "model has no config.json with layer_norm_epsilon to restore it from")
+            fused[node.name] = _copy(node)
+            fused[node.name].attr["epsilon"].f = epsilon
+    written_out = [parts for n in graph_def.node if n.op == "Rsqrt" and (parts := _written_out_layer_norm(index, n))]
+    ranks = _ranks(graph_def, [inputs[0] for _, inputs, _, _ in written_out]) if written_out else []
+    for (output, inputs, own_epsilon, axis), rank in zip(written_out, ranks):
+        if axis == -1 or rank is not None and axis == rank - 1:     # _MklLayerNorm normalizes the last axis
+            fused[output] = make_node(FUSED_LAYER_NORM, output, inputs, T=index.nodes[output].attr["T"],
+                                      epsilon=own_epsilon)
+    return _with_nodes(graph_def, fused), len(fused)
+
+
+def _written_out_layer_norm(index, rsqrt):
+    """(output node name, [x, gamma, beta], epsilon, reduced axis) of the layer norm around `rsqrt`,
+    written out as tf.nn.batch_normalization writes it (tf-keras's LayerNormalization at GPT-J's
+    epsilon), or None: x * scale + (beta - mean * scale), scale = rsqrt(variance + epsilon) * gamma."""
+    def inputs_by_op(node):
+        return {index.producer(i).op: index.producer(i) for i in node.input}
+
+    def consumer(node, ops, other):     # the consumer of `node` of one of `ops` whose other input is `other`
+        return next((c for c in index.consumers[node.name]
+                     if c.op in ops and sorted(map(node_name, c.input)) == sorted([node.name, other])), None)
+
+    add = index.producer(rsqrt.input[0])
+    variance, epsilon = inputs_by_op(add).get("Mean"), inputs_by_op(add).get("Const")
+    if add.op not in ("AddV2", "Add") or variance is None or epsilon is None:
+        return None
+    squares = index.producer(variance.input[0])
+    mean = inputs_by_op(squares).get("Mean") if squares.op == "SquaredDifference" else None
+    scales = [c for c in index.consumers[rsqrt.name] if c.op == "Mul"]
+    if mean is None or len(scales) != 1 or not mean.attr["keep_dims"].b:
+        return None
+    axes = index.producer(mean.input[1])
+    axes = tf.make_ndarray(axes.attr["value"].tensor).ravel() if axes.op == "Const" else []
+    x, scale = mean.input[0], scales[0]
+    gamma = [i for i in scale.input if node_name(i) != rsqrt.name]
+    x_scaled, mean_scaled = consumer(scale, ("Mul",), node_name(x)), consumer(scale, ("Mul",), mean.name)
+    shift = mean_scaled and next((c for c in index.consumers[mean_scaled.name]
+                                  if c.op == "Sub" and node_name(c.input[1]) == mean_scaled.name), None)
+    output = x_scaled and shift and consumer(x_scaled, ("AddV2", "Add"), shift.name)
+    if not output or len(gamma) != 1 or len(axes) != 1:
+        return None
+    return (output.name, [x, gamma[0], shift.input[0]], float(tf.make_ndarray(epsilon.attr["value"].tensor)),
+            int(axes[0]))
+
+
+def _ranks(graph_def, tensors):
+    """The rank of each of `tensors` in `graph_def`, by TensorFlow's shape inference."""
+    with tf.Graph().as_default() as graph:
+        tf.graph_util.import_graph_def(graph_def, name="")
+    return [graph.get_tensor_by_name(t if ":" in t else f"{t}:0").shape.rank for t in tensors]
+
+
+def with_whole_zero_points(graph_def):
+    """(INC's converted graph with each activation range moved by under one step so that its zero
+    point is whole, the int32 bias of the kernels it feeds compensated for it; how many moved).
+
+    INC gives QuantizeV2 (MIN_FIRST) the calibrated range as it is, whose zero point is fractional,
+    and folds that fractional zero point into each kernel's int32 bias. oneDNN's QuantizeV2 (run
+    when TF_ENABLE_ONEDNN_OPTS is on, the default on CPUs with AVX-512 VNNI or AMX) rounds x * scale
+    plus the zero point as one, which matches; TensorFlow's own (the default elsewhere) adds a rounded
+    zero point, and every output is then off by the difference times the weights' column sum. A
+    whole zero point is our converter's rule too (weights.u8_activation_range), here at INC's 255 levels.
+    Ranges that feed anything but a kernel with an int32 bias are left as INC wrote them."""
+    index = GraphIndex(graph_def)
+    replaced = {}
+    for q in graph_def.node:
+        kernels = list({k.name: k for k in index.consumers[q.name]}.values())
+        if (q.op != "QuantizeV2" or q.attr["mode"].s != b"MIN_FIRST" or not kernels
+                or any(k.op != "_QuantizedMatMul" or k.attr["Tbias"].type != tf.qint32.as_datatype_enum
+                       or node_name(k.input[0]) != q.name for k in kernels)):
+            continue
+        lo, hi = (float(_value(index, i)) for i in q.input[1:3])
+        step = (hi - lo) / U8_LEVELS
+        zero = -lo / step
+        whole = min(max(round(zero), 0), U8_LEVELS)
+        if abs(zero - whole) < 1e-3:        # whole already, to float32's precision
+            continue
+        # new constants: INC shares one constant between ranges of equal value
+        ends = [make_const(f"{q.name}/whole_zero_point_{end}", np.float32(v), tf.float32)
+                for end, v in (("min", -whole * step), ("max", (U8_LEVELS - whole) * step))]
+        replaced.update({e.name: e for e in ends})
+        replaced[q.name] = _copy(q, {1: ends[0].name, 2: ends[1].name})
+        for k in kernels:
+            weight = _value(index, k.input[1]).view(np.int8).astype(np.int64)
+            column_sums = weight.sum(axis=1 if k.attr["transpose_b"].b else 0)
+            bias = _value(index, k.input[2]).view(np.int32) + (zero - whole) * column_sums
+            bias = make_const(f"{k.name}/whole_zero_point_bias", np.round(bias).astype(np.int32), tf.qint32)
+            replaced[bias.name], replaced[k.name] = bias, _copy(k, {2: bias.name})
+    moved = sum(n.op == "QuantizeV2" for n in replaced.values())
+    return _with_nodes(graph_def, replaced), moved
+
+
+def _value(index, tensor):
+    return tf.make_ndarray(index.producer(tensor).attr["value"].tensor)
+
+
+def _copy(node, inputs=None):
+    """A copy of `node` with the inputs {index: tensor} given."""
+    out = type(node)()
+    out.CopyFrom(node)
+    for i, tensor in (inputs or {}).items():
+        out.input[i] = tensor
+    return out
+
+
+def _with_nodes(graph_def, nodes):
+    """`graph_def` with `nodes` ({name: node}) in place of those of their names or added, without
+    the nodes its output no longer reads (the parts of a fused layer norm, replaced constants)."""
+    if not nodes:
+        return graph_def
+    out = tf.compat.v1.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    out.node.extend(nodes.get(n.name, n) for n in graph_def.node)
+    names = {n.name for n in graph_def.node}
+    out.node.extend(n for name, n in nodes.items() if name not in names)
+    serving = savedmodel.ServingGraph(out, {k: k for k in savedmodel.INPUTS}, {savedmodel.OUTPUT: f"{INC_OUTPUT}:0"}, {})
+    return savedmodel.prune(serving).graph_def
 
 
 def save_frozen_graph(graph_def, dst, side_files=()):
