@@ -134,6 +134,15 @@ class ConvertSavedModel:
         whole_steps = timed and self.kernel_choice is None
         steps = self._step_inputs(graphs, found, prefill) if timed else None   # while every signature still runs
 
+        # each signature as it is in FP32, to fall back to; timed now, while its weights are all here,
+        # unless they may be read back later to be timed beside its int8 step
+        fp32_graphs, fp32_ms, every_site = {}, {}, dict(found)
+        if whole_steps:
+            for name, (inputs, _) in steps.items():
+                fp32_graphs[name] = graphs[name].copy()
+                if weights.Int8Weights.bytes([graphs[name].feeds[s.weight] for s in found[name]]) > STEP_REFILL_BYTES:
+                    fp32_ms[name], = kernel_choice.time_steps([fp32_graphs[name]], inputs)
+
         # one int8 copy of each weight for all signatures; an FP32 weight no signature reads in FP32 any
         # more is freed as soon as its int8 copy exists, so the conversion never holds both. The
         # embedding tables go first: the kernel timing, the conversion's peak, then runs without them.
@@ -143,12 +152,6 @@ class ConvertSavedModel:
 
         form_everywhere = int8_matmul.DEFAULT_FORM if self.int8_kernel == "auto" else self.int8_kernel
         forms = {name: {s.activation: form_everywhere for s in found[name]} for name in graphs}
-        fp32_graphs, fp32_ms, every_site = {}, {}, dict(found)
-        if whole_steps:   # each signature with its MatMuls FP32; timed now, while their weights are all
-            for name, (inputs, _) in steps.items():   # here, unless they may be read back later
-                fp32_graphs[name] = graphs[name].copy()
-                if store.bytes([graphs[name].feeds[s.weight] for s in found[name]]) > STEP_REFILL_BYTES:
-                    fp32_ms[name], = kernel_choice.time_steps([fp32_graphs[name]], inputs)
         if timed:
             found, forms = self._choose_kernels(graphs, found, {name: rows for name, (_, rows) in steps.items()})
 
@@ -225,9 +228,10 @@ class ConvertSavedModel:
 
     def _keep_fastest_steps(self, graphs, fp32_graphs, fp32_ms, steps, every_site, found, forms, ranges, store):
         """Each signature's whole step as chosen kernel by kernel, against every MatMul int8 (where
-        that differs) and every MatMul FP32: the fastest is kept, so that no signature is slower
-        than FP32 on this CPU. Kernels timed one by one miss what the step pays besides them:
-        quantizing activations, splits, caches.
+        that differs) and against the signature as it is in FP32: the fastest is kept, so that no
+        signature is slower than FP32 on this CPU (one that falls back has its MatMuls and embedding
+        in FP32 again, their weights stored in FP32 beside the int8 copies other signatures read). Kernels timed one by one
+        miss what the step pays besides them: quantizing activations, splits, caches.
 
         The three are called in turn when the signature's MatMul weights fit STEP_REFILL_BYTES in
         FP32 (those already released are read back from the source model's checkpoint for it); above
@@ -237,8 +241,10 @@ class ConvertSavedModel:
         for name, (inputs, _) in steps.items():
             candidates = {"as chosen": graphs[name]}
             if len(found[name]) < len(every_site[name]):
-                candidates["all int8"] = int8_matmul.fuse_int8_matmuls(
-                    fp32_graphs[name].copy(), every_site[name], ranges[name], store, forms[name])
+                int8 = fp32_graphs[name].copy()
+                int8 = weights.quantize_embeddings(int8, sites.find_embeddings(int8), store)
+                candidates["all int8"] = int8_matmul.fuse_int8_matmuls(int8, every_site[name], ranges[name], store,
+                                                                       forms[name])
             fp32_weights = savedmodel.prune(fp32_graphs[name]).variables()
             refill = name not in fp32_ms
             refilled = store.refill(fp32_weights, read) if refill else []
