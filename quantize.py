@@ -97,7 +97,8 @@ def main():
                                  smooth_quant=bool(args.smooth_quant),
                                  sq_alpha=0.5 if args.sq_alpha is None else args.sq_alpha,
                                  itex_mode=bool(args.itex_mode),
-                                 side_files=[input_model / f for f in SIDE_FILES if (input_model / f).exists()])
+                                 side_files=[input_model / f for f in SIDE_FILES if (input_model / f).exists()],
+                                 keep_fp32=args.keep_fp32)
         return
     converter = ConvertSavedModel(input_model, converted, data.batches(calib, 1, tokenizer.pad_token_id),
                                   output_dir, itex_mode=args.itex_mode, performance_only=args.performance_only,

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -118,19 +119,35 @@ class CalibrationLoader:
         return len(self.batches)
 
 
-def quantization_configs(smooth_quant=False, sq_alpha=0.5):
+def quantization_configs(smooth_quant=False, sq_alpha=0.5, fp32_ops=()):
     """INC's recipe for our flags: SmoothQuant (if asked) then static int8 quantization (INC's
-    defaults: symmetric int8 weights per tensor, min/max calibrated activations)."""
+    defaults: symmetric int8 weights per tensor, min/max calibrated activations), `fp32_ops` (node
+    names) kept FP32 through INC's op-wise configuration."""
     from neural_compressor.tensorflow import SmoothQuantConfig, StaticQuantConfig
     static = StaticQuantConfig()
+    for name in fp32_ops:   # INC matches a local config's name as a regular expression
+        static.set_local(re.escape(name), StaticQuantConfig(weight_dtype="fp32", act_dtype="fp32"))
     return [SmoothQuantConfig(alpha=sq_alpha), static] if smooth_quant else static
+
+
+def kept_matmuls(graph_def, keep_fp32):
+    """The MatMuls of INC's graph whose names contain one of the comma-separated parts of
+    `keep_fp32` (layer names, as quantize.py --keep_fp32 takes them: INC's graph is serving_default's,
+    whose MatMul names hold the layers' names)."""
+    patterns = [p.strip() for p in (keep_fp32 or "").split(",") if p.strip()]
+    matmuls = [n.name for n in graph_def.node if n.op == "MatMul"]
+    unknown = [p for p in patterns if not any(p in m for m in matmuls)]
+    if unknown:
+        raise UserError(f"--keep_fp32: {', '.join(map(repr, unknown))} names no MatMul of INC's graph")
+    return [m for m in matmuls if any(p in m for p in patterns)]
 
 
 def op_counts(graph_def):
     return collections.Counter(node.op for node in graph_def.node)
 
 
-def quantize_saved_model(src, dst, calibration_batches, output_dir, smooth_quant=False, sq_alpha=0.5, itex_mode=False, side_files=()):
+def quantize_saved_model(src, dst, calibration_batches, output_dir, smooth_quant=False, sq_alpha=0.5, itex_mode=False,
+                         side_files=(), keep_fp32=None):
     """INC's quantize_model on the SavedModel `src`, rewritten as a SavedModel at `dst` with our
     signature. INC's work files go under `output_dir`/inc_workspace."""
     from neural_compressor.tensorflow import Model, quantize_model
@@ -161,7 +178,10 @@ def quantize_saved_model(src, dst, calibration_batches, output_dir, smooth_quant
         if inputs != sorted(savedmodel.INPUTS) or model.output_tensor_names != [INC_OUTPUT]:
             raise UserError(f"INC read {src} as inputs {inputs}, outputs {model.output_tensor_names}; "
                             f"expected {', '.join(savedmodel.INPUTS)} -> {INC_OUTPUT}")
-        configs = quantization_configs(smooth_quant, sq_alpha)
+        kept = kept_matmuls(fp32_graph, keep_fp32)
+        if kept:
+            log.info("INC: FP32 kept for %d MatMuls, as --keep_fp32=%r asks: %s", len(kept), keep_fp32, ", ".join(kept))
+        configs = quantization_configs(smooth_quant, sq_alpha, kept)
         log.info("INC: quantizing %d MatMuls (itex_mode=%s, smooth_quant=%s)",
                  op_counts(fp32_graph)["MatMul"], itex_mode, smooth_quant and sq_alpha)
         loader = CalibrationLoader(calibration_batches)

@@ -23,7 +23,7 @@ def inc_converted(tmp_path_factory, bundled_fp32):
     cwd = tmp_path_factory.mktemp("inc")
     model, out_dir = cwd / "converted-inc", cwd / "output-inc"
     run_script("quantize.py", "--engine", "inc", "--input_model", bundled_fp32, "--converted_model", model,
-               "--output_dir", out_dir, "--calib_samples", "16", cwd=cwd, fresh_process=True)
+               "--output_dir", out_dir, "--calib_samples", "16", "--keep_fp32", "lm_head", cwd=cwd, fresh_process=True)
     return model, out_dir, cwd
 
 
@@ -66,11 +66,14 @@ def test_inc_graph_dumps_hold_int8_kernels_and_work_files_stay_in_output_dir(inc
     after = [n.op for n in _graph(out_dir / "converted_graph_def.pb").node]
     matmuls = _config(bundled_fp32)["n_layer"] * 6 + 1      # q, k, v, out, fc_in, fc_out per layer + lm_head
     assert before.count("MatMul") == matmuls
-    assert after.count("_QuantizedMatMul") == matmuls and "MatMul" not in after
+    # --keep_fp32 lm_head: INC's op-wise configuration keeps that one FP32
+    assert after.count("_QuantizedMatMul") == matmuls - 1 and after.count("MatMul") == 1
     assert inc.INC_INT8_MATMUL not in after                   # its kernel needs the oneDNN layout pass
     assert (out_dir / "inc_workspace").is_dir()
     assert not (cwd / "nc_workspace").exists()
-    assert f"INC: {matmuls} MatMuls -> {matmuls} int8 kernels" in (out_dir / "quantize.log").read_text()
+    log = (out_dir / "quantize.log").read_text()
+    assert f"INC: {matmuls} MatMuls -> {matmuls - 1} int8 kernels, 1 left in FP32" in log
+    assert "INC: FP32 kept for 1 MatMuls, as --keep_fp32='lm_head' asks" in log
 
 
 def test_inc_layer_norms_keep_the_models_epsilon_on_every_cpu(inc_converted, bundled_fp32):
