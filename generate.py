@@ -4,12 +4,15 @@
     python generate.py --model ./gptj-kjv --prompt_file prompts.txt --do_sample --top_p 0.9 --seed 1
 
 One prompt is printed as it is produced; a --prompt_file (one prompt a line) is run as one
-left-padded batch and each text is printed at the end. Greedy unless --do_sample. The time to
-the first new token (the prompt's prefill) and the median time of each further token follow,
-measured after one untimed warm-up step.
+left-padded batch and each text is printed at the end. Greedy unless --do_sample; sampling runs
+the sampler of the `generate` signature (gptj_int8.generation.next_tokens), so a --seed gives the
+tokens `generate` gives for the same settings and seed. The time to the first new token (the
+prompt's prefill) and the median time of each further token follow, measured after one untimed
+warm-up step.
 """
 import argparse
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -20,16 +23,6 @@ from gptj_int8 import cli, generation, memory, models, savedmodel
 
 log = logging.getLogger("generate")
 DEFAULT_MODEL = models.default_converted_dir(models.default_export_dir(models.BUNDLED_MODEL))
-
-
-def probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
 
 
 def read_prompts(args):
@@ -54,17 +47,26 @@ def main():
     p.add_argument("--prompt_file", default=None, help="a text file, one prompt a line (run as one batch)")
     p.add_argument("--max_new_tokens", type=cli.positive_int, default=40)
     p.add_argument("--do_sample", action="store_true", help="sample instead of choosing the likeliest token")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --do_sample: < 1 sharper, > 1 flatter")
-    p.add_argument("--top_k", type=cli.positive_int, default=None, help="with --do_sample: only the k likeliest tokens")
-    p.add_argument("--top_p", type=probability, default=1.0,
-                   help="with --do_sample: only the likeliest tokens whose probabilities add up to p")
-    p.add_argument("--seed", type=int, default=None, help="with --do_sample: the random seed")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --do_sample: < 1 sharper, > 1 flatter, 0 the likeliest token")
+    p.add_argument("--top_k", type=int, default=0, help="with --do_sample: only the k likeliest tokens (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="with --do_sample: only the likeliest tokens whose probabilities add up to p (1: all)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="with --do_sample: the random seed (default: a new one, logged, to repeat the text with)")
     p.add_argument("--max_memory_gb", type=cli.positive_float, default=None,
                    help="memory this run may use (default: what the OS reports available); a model that needs "
                         "more is refused before it is loaded")
     args = p.parse_args()
-    if args.do_sample and args.temperature <= 0:
-        raise cli.UserError(f"--temperature must be positive with --do_sample, got {args.temperature}")
+    sampling = generation.GREEDY
+    if args.do_sample:
+        seed = args.seed if args.seed is not None else random.randrange(2 ** 63)
+        sampling = generation.Sampling(args.temperature, args.top_k, args.top_p, seed)
+        problem = generation.sampling_problem(sampling)
+        if problem:
+            raise cli.UserError(f"--{problem}")
+        if args.seed is None:
+            log.info("sampling with --seed %d", seed)
 
     prompts = read_prompts(args)
     model = Path(args.model)
@@ -87,8 +89,6 @@ def main():
                     room, context, room)
         encoded = [ids[-room:] for ids in encoded]
     input_ids, attention_mask = generation.left_pad(encoded, tokenizer.pad_token_id)
-    choose = (generation.sampler(args.temperature, args.top_k, args.top_p, args.seed) if args.do_sample
-              else generation.greedy)
 
     prefill, decode = loaded.signatures[generation.PREFILL], loaded.signatures[generation.DECODE]
     # one untimed step first: TensorFlow and oneDNN set up their kernels on the first call
@@ -101,7 +101,7 @@ def main():
     new, times, shown = [], [], ""
     start = time.perf_counter()
     for tokens, _ in generation.stream(prefill, decode, input_ids, attention_mask, args.max_new_tokens,
-                                       choose, eos_token_id):
+                                       sampling, eos_token_id):
         times.append(time.perf_counter() - start)
         new.append(tokens)
         if streaming:

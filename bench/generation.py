@@ -15,7 +15,12 @@ multiplies), the bundled model's next-token time at a 16- and a 200-token prompt
 saves recomputation), and long contexts (also alone, --long_context_only): the next token after
 64 and after 1984 positions through decode and generate, the KV cache's own cost per step and
 layer (written in place, as the models do, against the former concat), and the peak RSS of a
-process generating a full context of 2048 tokens.
+process generating a full context of 2048 tokens. Last (also alone, --sampling_only): INT8's ms per
+new token through `generate`, greedy against sampled (temperature 1, top_k 50, top_p 0.9, both),
+the settings in turn prompt by prompt; then the sampler alone, over a decode that returns fixed
+logits. The random-weight models' next-token distributions are nearly flat, so their top_p 0.9
+keeps most of the vocabulary: the sampler's worst case, a full sort of the vocabulary every step
+(a peaked distribution's nucleus lies among its 256 likeliest tokens, sorted alone).
 """
 import argparse
 import time
@@ -26,30 +31,119 @@ import common
 from common import GPTJ_6B_LAYERS
 
 MODELS = [("gptj-6b-width-1l", 1), ("gptj-6b-width-2l", 2), ("gptj-6b-width-3l", 3), ("bundled-gptj-kjv", None)]
+
 FP32_MATMULS = [(4096, 4096, 4), (4096, 16384, 1), (16384, 4096, 1), (4096, 50400, 1)]
 INT8_MATMULS = [(4096, 28672, 1), (4096, 4096, 1), (16384, 4096, 1), (4096, 50400, 1)]
 
 
-def generate_token_ms(generates, batches, new_tokens, eos_token_id):
-    """Per model of `generates` (its `generate` signature: the loop inside the graph, as a TF
-    Serving client calls it), the median ms per new token: a call for `new_tokens` minus a call
-    for one, per batch of `batches` after the first, models in turn batch by batch. A batch whose
-    every row produced EOS (the loop may have stopped early) is not counted."""
-    import tensorflow as tf
-    per_token = [[] for _ in generates]
+def sampling_settings():
+    """(label, generation.Sampling) timed by --sampling_only, greedy first."""
+    from gptj_int8.generation import GREEDY, Sampling
+    return [("greedy", GREEDY), ("temperature 1", Sampling(1.0, 0, 1.0, 1)), ("top_k 50", Sampling(1.0, 50, 1.0, 1)),
+            ("top_p 0.9", Sampling(1.0, 0, 0.9, 1)), ("top_k 50, top_p 0.9", Sampling(1.0, 50, 0.9, 1))]
+
+
+def generate_token_ms(runs, batches, new_tokens, eos_token_id):
+    """Per run of `runs` ((a model's `generate` signature: the loop inside the graph, as a TF Serving
+    client calls it; a generation.Sampling)), the median of generate_token_seconds, in ms."""
+    return [common.median_ms([t for t in times if t is not None]) if any(t is not None for t in times)
+            else float("nan") for times in generate_token_seconds(runs, batches, new_tokens, eos_token_id)]
+
+
+def generate_token_seconds(runs, batches, new_tokens, eos_token_id):
+    """Per run of `runs` (as generate_token_ms), the seconds per new token at each batch of `batches`
+    after the first: a call for `new_tokens` minus a call for one, runs in turn batch by batch. None
+    for a batch whose every row produced EOS (the loop may have stopped early)."""
+    from gptj_int8 import generation
+    per_token = [[] for _ in runs]
     for b, ids in enumerate(batches):
-        feed = dict(input_ids=tf.constant(ids), attention_mask=tf.constant(np.ones_like(ids)))
-        for generate, out in zip(generates, per_token):
+        for (generate, sampling), out in zip(runs, per_token):
             times = []
             for n in (new_tokens, 1):
+                feed = generation.generate_inputs(generate, ids, np.ones_like(ids), n, sampling)
                 start = time.perf_counter()
-                sequences = generate(**feed, max_new_tokens=tf.constant(n))["sequences"].numpy()
+                sequences = generate(**feed)["sequences"].numpy()
                 times.append(time.perf_counter() - start)
                 if n == new_tokens:
                     stopped = (sequences[:, ids.shape[1]:] == eos_token_id).any(axis=1).all()
-            if b and not stopped:
-                out.append((times[0] - times[1]) / (new_tokens - 1))
-    return [common.median_ms(t) if t else float("nan") for t in per_token]
+            if b:
+                out.append(None if stopped else (times[0] - times[1]) / (new_tokens - 1))
+    return per_token
+
+
+def sampling_generate(loaded, model_dir):
+    """The model's `generate` when it samples; for a model converted before sampling existed, one built
+    over its decode in this process, as the conversion builds it now (generation.generate_signature)."""
+    from gptj_int8 import generation, models
+    generate = loaded.signatures["generate"]
+    if "temperature" in generate.structured_input_signature[1]:
+        return generate
+    print(f"({model_dir.name}'s `generate` is greedy only: timing one built over its decode)")
+    return generation.generate_signature(loaded.signatures["decode"], *models.generation_settings(model_dir))
+
+
+def sampling_token_ms(name, batches, new_tokens, prompts):
+    """Rows (batch, [INT8 ms per new token through `generate` for each of sampling_settings()],
+    [each sampled setting's median of its time / greedy's over the same prompts]) of the model
+    `name`, the settings in turn prompt by prompt, medians of `prompts` after a warm-up. The ratio
+    of each prompt's own pair stands up to the machine's drift between prompts."""
+    import tensorflow as tf
+    from gptj_int8 import models
+    int8_dir = common.converted(name)
+    common.check_memory(int8_dir, signatures=["generate"])
+    loaded = tf.saved_model.load(str(int8_dir))
+    generate = sampling_generate(loaded, int8_dir)
+    eos_token_id, _ = models.generation_settings(int8_dir)
+    rows = []
+    for batch in batches:
+        windows = common.token_windows(int8_dir, batch * (prompts + 1), 32)
+        prompt_batches = [np.array(windows[i * batch:(i + 1) * batch], np.int32) for i in range(prompts + 1)]
+        runs = [(generate, sampling) for _, sampling in sampling_settings()]
+        greedy, *sampled = generate_token_seconds(runs, prompt_batches, new_tokens, eos_token_id)
+        ratios = [float(np.median([t / g for t, g in zip(times, greedy) if t is not None and g is not None]))
+                  for times in sampled]
+        ms = [common.median_ms([t for t in times if t is not None]) for times in (greedy, *sampled)]
+        rows.append((batch, ms, ratios))
+    return rows
+
+
+def sampler_token_ms(batch, new_tokens=65, prompts=6, vocab=50400):
+    """[ms per new token for each of sampling_settings()] of `generate` over a decode that only
+    returns fixed logits of GPT-J's vocabulary (random, nearly flat, as the random-weight models'):
+    the sampler's own cost inside the loop, apart from the model's time and its noise."""
+    import tensorflow as tf
+    from gptj_int8 import generation
+    logits = tf.random.stateless_normal([batch, vocab], [0, 0]) * 0.1
+
+    @tf.function(input_signature=generation.input_specs(generation.DECODE, generation.cache_spec(1, 1, 1)))
+    def decode(input_ids, attention_mask, past_key_values):
+        # a new position changes the logits a little, as a model's would
+        return {"logits": logits + 1e-3 * tf.cast(tf.shape(attention_mask)[1], tf.float32),
+                generation.CACHE: past_key_values}
+    generate = generation.generate_signature(decode, -1, 1 << 20)   # no token is EOS
+    ids = np.ones((batch, 32), np.int32)
+    return generate_token_ms([(generate, sampling) for _, sampling in sampling_settings()], [ids] * (prompts + 1),
+                             new_tokens, -1)
+
+
+def print_sampling_cost(args):
+    from gptj_int8 import cli
+    print(f"\nINT8 ms per new token through `generate`, greedy against sampled ({args.new_tokens} new tokens after "
+          f"32-token prompts; medians of {args.prompts} prompts, the settings in turn; in brackets the median of "
+          f"each prompt's sampled / greedy time; {cli.cpu_name()}, {time.strftime('%Y-%m-%d')}):")
+    labels = [label for label, _ in sampling_settings()]
+    print("| model | batch | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for name in [name for name, _ in MODELS if name in args.models]:
+        for batch, (greedy, *sampled), ratios in sampling_token_ms(name, args.batches, args.new_tokens, args.prompts):
+            print(f"| {name} | {batch} | {greedy:.2f} | "
+                  + " | ".join(f"{t:.2f} ({(r - 1) * 100:+.1f}%)" for t, r in zip(sampled, ratios)) + " |", flush=True)
+    print("\nThe sampler alone: ms per new token through `generate` over a decode that returns fixed, nearly flat "
+          "logits of 50400 tokens (64 new tokens, medians of 6 calls):")
+    print("| batch | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for batch in args.batches:
+        print(f"| {batch} | " + " | ".join(f"{t:.2f}" for t in sampler_token_ms(batch)) + " |", flush=True)
 
 
 def time_generation(steps, batches, new_tokens):
@@ -214,7 +308,7 @@ def long_context(name, n_layer, batches, contexts=(64, 1984), with_generate=Fals
     through the model first: per token (a call for `new_tokens` - a call for one) / (`new_tokens` - 1),
     the median of `repeats`."""
     import tensorflow as tf
-    from gptj_int8 import models
+    from gptj_int8 import generation, models
     fp32_dir, int8_dir = common.prepare(name, n_layer), common.converted(name)
     common.check_memory(fp32_dir, int8_dir)
     loaded = [tf.saved_model.load(str(d)) for d in (fp32_dir, int8_dir)]
@@ -230,7 +324,7 @@ def long_context(name, n_layer, batches, contexts=(64, 1984), with_generate=Fals
         eos_token_id, _ = models.generation_settings(fp32_dir)
         rng = np.random.default_rng(0)
         # a short warm-up prompt, then `repeats` of the context's length (tokens other than EOS)
-        add(1, "generate", [generate_token_ms([m.signatures["generate"] for m in loaded],
+        add(1, "generate", [generate_token_ms([(m.signatures["generate"], generation.GREEDY) for m in loaded],
                                               [rng.integers(0, eos_token_id, (1, n), dtype=np.int32)
                                                for n in (8, *[c] * repeats)], new_tokens, eos_token_id)
                             for c in contexts])
@@ -244,8 +338,8 @@ def rss_while_generating(model_dir, total=2048, prompt=32):
     for new in (total - prompt, 16):
         out.append(common.peak_rss_gb_of(common.model_code(model_dir, (
             f"ids = np.array(common.token_windows({str(model_dir)!r}, 1, {prompt}), np.int32)\n"
-            "m.signatures['generate'](input_ids=tf.constant(ids), attention_mask=tf.constant(np.ones_like(ids)), "
-            f"max_new_tokens=tf.constant({new}))['sequences'].numpy()\n")), f"generation in {model_dir}"))
+            "m.signatures['generate'](**generation.generate_inputs(m.signatures['generate'], ids, np.ones_like(ids), "
+            f"{new}))['sequences'].numpy()\n")), f"generation in {model_dir}"))
     return out
 
 
@@ -299,9 +393,15 @@ def main():
     p.add_argument("--long_context_only", action="store_true",
                    help="only the next token after a short and a long context, the cache alone, and the peak RSS "
                         "while generating a full context")
+    p.add_argument("--sampling_only", action="store_true",
+                   help="only INT8's ms per token through `generate`, greedy against sampled")
     args = p.parse_args()
     import tensorflow as tf
-    from gptj_int8 import models
+    from gptj_int8 import generation, models
+
+    if args.sampling_only:
+        print_sampling_cost(args)
+        return
 
     if args.rss_only:
         print(f"\n| model | FP32 peak RSS GB | INT8 peak RSS GB |   (batch {max(args.batches)}, "
@@ -329,8 +429,8 @@ def main():
             prompts = common.token_windows(fp32_dir, batch * (args.prompts + 1), 32)
             batches = [np.array(prompts[i * batch:(i + 1) * batch], np.int32) for i in range(args.prompts + 1)]
             (f_first, f_next), (i_first, i_next) = time_generation(steps, batches, args.new_tokens)
-            f_gen, i_gen = generate_token_ms([m.signatures["generate"] for m in loaded], batches, args.new_tokens,
-                                             eos_token_id)
+            f_gen, i_gen = generate_token_ms([(m.signatures["generate"], generation.GREEDY) for m in loaded], batches,
+                                             args.new_tokens, eos_token_id)
             rows.append([name, n_layer, batch, f_first, i_first, f_next, i_next, f_gen, i_gen])
         del loaded, steps
         for row in rows[-len(args.batches):]:
@@ -384,8 +484,10 @@ def main():
     for m, label in enumerate(("FP32", "INT8")):
         print(f"- {label}: {by_length[16][m]:.2f} ms at 16, {by_length[200][m]:.2f} ms at 200 "
               f"({by_length[200][m] / by_length[16][m]:.2f}x)")
+    del loaded, steps
 
     print_long_context(args)
+    print_sampling_cost(args)
 
 
 if __name__ == "__main__":

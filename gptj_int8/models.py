@@ -154,7 +154,7 @@ def export_saved_model(model, out_dir):
         return {"logits": out.logits}
 
     signatures = {generation.SERVING: serving, **step_functions(model)}
-    signatures[generation.GENERATE] = generation.greedy_generate(
+    signatures[generation.GENERATE] = generation.generate_signature(
         signatures[generation.DECODE], model.config.eos_token_id, model.config.n_positions)
     module.functions = list(signatures.values())
     tf.saved_model.save(module, str(out_dir), signatures=signatures)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gptj_int8 import benchmark, data, models
+from gptj_int8 import benchmark, data, generation, models
 from gptj_int8.generation import CACHE
 from gptj_int8.kernel_choice import FP32
 
@@ -77,8 +77,8 @@ def signature_outputs(model, ids):
         out = s["decode"](input_ids=tf.constant(ids[:, k:k + 1]), attention_mask=tf.ones([len(ids), k + 1], tf.int32),
                           past_key_values=out[CACHE])
         steps.append(out["logits"].numpy())
-    generated = s["generate"](input_ids=prompt, attention_mask=tf.ones_like(prompt),
-                              max_new_tokens=tf.constant(STEPS))["sequences"].numpy()[:, PROMPT:]
+    generated = s["generate"](**generation.generate_inputs(s["generate"], prompt, tf.ones_like(prompt), STEPS))
+    generated = generated["sequences"].numpy()[:, PROMPT:]
     return {"serving": serving.reshape(-1, serving.shape[-1]), "steps": np.concatenate(steps), "generated": generated}
 
 
