@@ -321,15 +321,29 @@ def test_conv_and_matmul_forms_agree_on_the_bundled_model(bundled_fp32):
     assert cos.mean() > 0.99999 and cos.min() > 0.9995, (cos.mean(), cos.min())
 
 
+def _convert_tiny_timed_by(timer, steps, tiny_fp32, tmp_path, monkeypatch, caplog):
+    """(converter, its log) of the tiny model converted with `timer` for kernel_choice.time_group and
+    `steps` for kernel_choice.time_steps."""
+    import logging
+    from convert import ConvertSavedModel
+    from gptj_int8 import data, models
+    monkeypatch.setattr(kernel_choice, "time_group", timer)
+    monkeypatch.setattr(kernel_choice, "time_steps", steps)
+    tok = models.load_tokenizer(tiny_fp32)
+    batches = data.batches(data.encode_passages(tok, data.load_passages(data.CALIBRATION_SET, 4), 256), 1,
+                           tok.pad_token_id)
+    converter = ConvertSavedModel(tiny_fp32, tmp_path / "int8", batches, tmp_path / "out")
+    with caplog.at_level(logging.INFO):
+        converter()
+    return converter, caplog.text
+
+
 def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monkeypatch, caplog):
     """With a timer that makes FP32 fastest for the 64-wide out_proj, the convolution fastest at one
     row and the inner product elsewhere, the converted signatures hold exactly those kernels, the
     log names every timed shape with its times and choice, and quantize.py's log line per
     signature counts each form."""
-    import logging
     import convert
-    from convert import ConvertSavedModel
-    from gptj_int8 import data, models
 
     def timer(shape, per_channel, forms, weights_and_biases):
         fp32 = 0.5 if shape.widths == (64,) and shape.depth == 64 else 1.0
@@ -338,16 +352,8 @@ def test_conversion_honours_and_logs_each_timed_choice(tiny_fp32, tmp_path, monk
     def steps(graphs, inputs):   # whole steps: FP32 alone, then as chosen (the fastest) and all int8
         return [2.0] if len(graphs) == 1 else [1.0] + [1.5] * (len(graphs) - 1)
 
-    monkeypatch.setattr(kernel_choice, "time_group", timer)
-    monkeypatch.setattr(kernel_choice, "time_steps", steps)
     monkeypatch.setattr(convert, "STEP_REFILL_BYTES", 0)   # as at GPT-J-6B's width: FP32 timed before converting
-    tok = models.load_tokenizer(tiny_fp32)
-    batches = data.batches(data.encode_passages(tok, data.load_passages(data.CALIBRATION_SET, 4), 256), 1,
-                           tok.pad_token_id)
-    converter = ConvertSavedModel(tiny_fp32, tmp_path / "int8", batches, tmp_path / "out")
-    with caplog.at_level(logging.INFO):
-        converter()
-    log = caplog.text
+    converter, log = _convert_tiny_timed_by(timer, steps, tiny_fp32, tmp_path, monkeypatch, caplog)
     assert "-> fp32" in log and "-> conv" in log and "-> matmul" in log
     assert "int8 matmul 0.900 ms, int8 conv 0.800 ms -> conv" in log
     # per layer: q+k+v+fc_in, out_proj (FP32), fc_out; and the lm_head
@@ -370,9 +376,6 @@ def test_each_signature_keeps_the_fastest_whole_step(tiny_fp32, tmp_path, monkey
     """Kernels timed one by one keep out_proj FP32 everywhere; then whole steps decide: in
     serving_default every MatMul int8 is fastest, in decode FP32 (its released weights read back
     from the source model's checkpoint), in prefill the kernels as chosen."""
-    import logging
-    from convert import ConvertSavedModel
-    from gptj_int8 import data, models
     from gptj_int8.generation import CACHE
 
     def timer(shape, per_channel, forms, weights_and_biases):
@@ -382,19 +385,12 @@ def test_each_signature_keeps_the_fastest_whole_step(tiny_fp32, tmp_path, monkey
         signature = "decode" if len(inputs) == 3 else "prefill" if CACHE in graphs[0].outputs else "serving_default"
         return {"serving_default": [1.5, 1.2, 2.0], "prefill": [1.2, 1.5, 2.0], "decode": [1.5, 1.4, 1.0]}[signature]
 
-    monkeypatch.setattr(kernel_choice, "time_group", timer)
-    monkeypatch.setattr(kernel_choice, "time_steps", steps)
-    tok = models.load_tokenizer(tiny_fp32)
-    batches = data.batches(data.encode_passages(tok, data.load_passages(data.CALIBRATION_SET, 4), 256), 1,
-                           tok.pad_token_id)
-    converter = ConvertSavedModel(tiny_fp32, tmp_path / "int8", batches, tmp_path / "out")
-    with caplog.at_level(logging.INFO):
-        converter()
+    converter, log = _convert_tiny_timed_by(timer, steps, tiny_fp32, tmp_path, monkeypatch, caplog)
     assert converter.kernel_forms == {"serving_default": {"matmul": 7}, "prefill": {"matmul": 5}, "decode": {}}
     assert converter.kept_for_speed["serving_default"] == []
     assert len(converter.kept_for_speed["prefill"]) == 2 and len(converter.kept_for_speed["decode"]) == 13
-    assert "decode, whole step: as chosen 1.500 ms, all int8 1.400 ms, FP32 1.000 ms -> FP32" in caplog.text
-    assert "serving_default, whole step: as chosen 1.500 ms, all int8 1.200 ms, FP32 2.000 ms -> all int8" in caplog.text
+    assert "decode, whole step: as chosen 1.500 ms, all int8 1.400 ms, FP32 1.000 ms -> FP32" in log
+    assert "serving_default, whole step: as chosen 1.500 ms, all int8 1.200 ms, FP32 2.000 ms -> all int8" in log
 
     fp32, int8 = tf.saved_model.load(str(tiny_fp32)), tf.saved_model.load(str(tmp_path / "int8"))
     ids = tf.constant([[5, 6, 7, 8]])
