@@ -58,6 +58,11 @@ def _check_kernel_contract(index, n):
     (one Mul by a scale per column)."""
     const = lambda tensor: tf.make_ndarray(index.producer(tensor).attr["value"].tensor)
     width = const(n.input[2]).shape[0]      # the int32 bias, one per column
+    quantize = index.producer(n.input[0])
+    while quantize.op != "QuantizeV2":      # the convolution reads it through a Reshape
+        quantize = index.producer(quantize.input[0])
+    # narrow_range keeps TensorFlow's oneDNN layout pass from making it a slow _MklQuantizeV2
+    assert quantize.attr["mode"].s == b"MIN_FIRST" and quantize.attr["narrow_range"].b
     if n.op == KERNEL_OPS[MATMUL]:
         assert n.attr["T1"].type == tf.quint8.as_datatype_enum and n.attr["T2"].type == tf.qint8.as_datatype_enum
         assert list(n.attr["fused_ops"].list.s) == [b"BiasAdd", b"Dequantize"]
