@@ -28,10 +28,10 @@ def script(name, *args, extra_env=None, **popen):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def script_peak(name, *args):
-    """(peak RSS in GB, seconds) of one run of one of the project's scripts."""
+def script_peak(name, *args, extra_env=None):
+    """(peak RSS in GB, seconds) of one run of one of the project's scripts (with `extra_env` set)."""
     start = time.perf_counter()
-    proc = script(name, *args, cwd=RUNS)
+    proc = script(name, *args, extra_env=extra_env, cwd=RUNS)
     peak = poll_peak_rss(proc)
     check(proc, f"{name} {' '.join(map(str, args))}")
     return peak / 1e9, time.perf_counter() - start
@@ -48,6 +48,14 @@ def poll_peak_rss(proc):
             pass
         time.sleep(0.05)
     return peak
+
+
+def cpu_name():
+    """The CPU's model name and which of the int8 instruction sets that change oneDNN's kernels it has."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return f"{model} ({', '.join(('' if f in flags else 'no ') + f for f in ('avx512_vnni', 'amx_int8'))})"
 
 
 def check(proc, what):

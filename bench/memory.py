@@ -9,8 +9,11 @@ to GPT-J-6B.
 GPT-J-6B's width with 1, 2 and 3 random layers (2.5, 3.3 and 4.1 GB in FP32). Each script runs as
 its own process; its peak RSS is polled from the OS (psutil, the process and its children).
 prepare_model.py reads a PyTorch-layout checkpoint written here first, as GPT-J-6B's float16
-revision is stored: float16 safetensors, one shard per layer. quantize.py's converted model is
-then loaded with plain TensorFlow, run, and compared with FP32.
+revision is stored: float16 safetensors, one shard per layer. quantize.py runs as users run it,
+with its defaults (100 calibration passages), twice: with TensorFlow's oneDNN optimizations on
+(TF_ENABLE_ONEDNN_OPTS=1, TensorFlow's default on CPUs with AVX-512 VNNI or AMX) and off (=0, its
+default on AVX2 CPUs), as their memory differs; its converted model is then loaded with plain
+TensorFlow, run, and compared with FP32.
 
 Serving: one process per model and way of calling it (tf.saved_model.load, then the calls below on
 a batch of one 32-token prompt, 8 new tokens), its peak RSS. The int8 kernels keep a reordered copy
@@ -25,10 +28,21 @@ import numpy as np
 import common
 from common import GPTJ_6B_LAYERS, GPTJ_6B_WIDTH, RUNS
 
-def quantize_peak(src, dst):
-    """(peak RSS in GB, seconds) of one quantize.py run."""
+# TF_ENABLE_ONEDNN_OPTS -> what it means, and on which CPUs it is TensorFlow's default
+ONEDNN_SETTINGS = {"1": "oneDNN optimizations on (the default on CPUs with AVX-512 VNNI or AMX)",
+                   "0": "oneDNN optimizations off (the default on AVX2 CPUs)"}
+
+
+def quantize_peak(src, dst, onednn):
+    """(peak RSS in GB, seconds) of quantize.py's default command, with TF_ENABLE_ONEDNN_OPTS=`onednn`."""
     return common.script_peak("quantize.py", "--input_model", src, "--converted_model", dst,
-                       "--output_dir", RUNS / f"output_{src.name}", "--calib_samples", "32")
+                              "--output_dir", RUNS / f"output_{src.name}",
+                              extra_env={"TF_ENABLE_ONEDNN_OPTS": onednn})
+
+
+def float_variables_gb(model_dir):
+    from gptj_int8 import memory
+    return memory.weight_bytes(model_dir)[0] / 1e9
 
 
 def write_float16_checkpoint(n_layer, seed=0):
@@ -73,9 +87,9 @@ def write_float16_checkpoint(n_layer, seed=0):
     return folder
 
 
-def print_projection(rows, size_col, what):
-    """Per-layer growth of model size, peak RSS and time (columns size_col, +1, +2 of `rows`, the
-    layer count first), fitted and projected to GPT-J-6B's layers."""
+def print_projection(rows, size_col, what, size_name="model"):
+    """Per-layer growth of model size (`size_name`), peak RSS and time (columns size_col, +1, +2 of
+    `rows`, the layer count first), fitted and projected to GPT-J-6B's layers."""
     if len(rows) < 2:
         return
     layers = np.array([r[0] for r in rows], float)
@@ -83,8 +97,8 @@ def print_projection(rows, size_col, what):
         np.polyfit(layers, np.array([r[col] for r in rows]), 1) for col in (size_col, size_col + 1, size_col + 2))
     size28 = size_slope * GPTJ_6B_LAYERS + size_icpt
     peak28 = peak_slope * GPTJ_6B_LAYERS + peak_icpt
-    print(f"\nPer layer: +{size_slope:.2f} GB of model, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
-    print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): model {size28:.1f} GB, peak RSS {peak28:.1f} GB "
+    print(f"\nPer layer: +{size_slope:.2f} GB of {size_name}, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
+    print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): {size_name} {size28:.1f} GB, peak RSS {peak28:.1f} GB "
           f"({peak28 / size28:.2f}x), {what} {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
 
 
@@ -106,26 +120,32 @@ def bench_prepare(layers):
 
 
 def bench_quantize(layers):
+    """quantize.py's default command at each size, with oneDNN's optimizations on and off: its peak
+    RSS against the FP32 variables, and whether the converted model loads, runs and agrees."""
     from gptj_int8 import savedmodel
-    rows = []
-    for n in layers:
-        src = common.prepare(f"gptj-6b-width-{n}l", n)
-        dst = RUNS / f"converted_gptj-6b-width-{n}l-memory"
-        peak, seconds = quantize_peak(src, dst)
-        common.check_memory(src, dst, signatures=["serving_default"])
-        fp32_obj, fp32 = savedmodel.load_serving_function(src)
-        int8_obj, int8 = savedmodel.load_serving_function(dst)
-        cos, agree = common.fidelity(fp32, int8, common.timing_batch(src))
-        del fp32, int8, fp32_obj, int8_obj   # free both models before the next size
-        rows.append((n, common.size_gb(src), peak, seconds, common.size_gb(dst), cos, agree))
+    print(f"\nquantize.py, its defaults, on {common.cpu_name()}:")
+    for onednn, what in ONEDNN_SETTINGS.items():
+        rows = []
+        for n in layers:
+            src = common.prepare(f"gptj-6b-width-{n}l", n)
+            dst = RUNS / f"converted_gptj-6b-width-{n}l-memory"
+            peak, seconds = quantize_peak(src, dst, onednn)
+            common.check_memory(src, dst, signatures=["serving_default"])
+            fp32_obj, fp32 = savedmodel.load_serving_function(src)
+            int8_obj, int8 = savedmodel.load_serving_function(dst)
+            cos, agree = common.fidelity(fp32, int8, common.timing_batch(src))
+            del fp32, int8, fp32_obj, int8_obj   # free both models before the next size
+            rows.append((n, float_variables_gb(src), peak, seconds, common.size_gb(dst), cos, agree))
+            print(f"TF_ENABLE_ONEDNN_OPTS={onednn}, {n} layer(s): peak {peak:.2f} GB, {seconds:.0f} s", flush=True)
 
-    print("\n| layers | FP32 SavedModel GB | peak RSS of quantize.py GB | peak / model | time s "
-          "| INT8 GB | loads, runs: logit cosine | argmax agreement |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, size, peak, seconds, int8_size, cos, agree in rows:
-        print(f"| {n} | {size:.2f} | {peak:.2f} | {peak / size:.2f}x | {seconds:.0f} | {int8_size:.2f} "
-              f"| {cos:.5f} | {agree:.3f} |")
-    print_projection(rows, 1, "conversion")
+        print(f"\nTF_ENABLE_ONEDNN_OPTS={onednn}: {what}")
+        print("| layers | FP32 variables GB | peak RSS of quantize.py GB | peak / variables | time s "
+              "| INT8 GB | loads, runs: logit cosine | argmax agreement |")
+        print("|---|---|---|---|---|---|---|---|")
+        for n, size, peak, seconds, int8_size, cos, agree in rows:
+            print(f"| {n} | {size:.3f} | {peak:.2f} | {peak / size:.2f}x | {seconds:.0f} | {int8_size:.2f} "
+                  f"| {cos:.5f} | {agree:.3f} |")
+        print_projection(rows, 1, "conversion", "FP32 variables")
 
 
 # Python run by serving_peak after common.model_code has loaded the model as `m`.

@@ -9,6 +9,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # every script, a tenth of a 1-layer model. Told that TensorFlow is the framework, it leaves torch
 # alone; what reads PyTorch weights (prepare_model.py, for a pytorch_model.bin) sets USE_TF=AUTO first.
 os.environ.setdefault("USE_TF", "1")
+# With its oneDNN optimizations on (TensorFlow's default on CPUs with AVX-512 VNNI or AMX), TensorFlow
+# allocates every tensor of 4 KB or more from a pool of its own (a BFC allocator) that never gives memory
+# back to the OS: the FP32 weights a conversion frees once their int8 copies exist stay in its RSS, what
+# a machine runs out of, and quantize.py's peak at GPT-J-6B's width with 1 layer was 1.70x the FP32
+# variables instead of 1.46x with the optimizations off, and varied run to run with the pool's layout.
+# oneDNN's switch sends those tensors to malloc and free, as with the optimizations off; the int8 and
+# FP32 steps time the same either way (bench/memory.py; AMD EPYC Zen 4, 4 December).
+os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
 
 def _import_tensorflow_quietly():

@@ -4,12 +4,19 @@ import numpy as np
 import tensorflow as tf
 
 from .graph import Rewriter, make_const, make_node
+from .memory import return_freed_memory
 
 
 # Activations use 128 of the u8 levels on every CPU, so that a converted model computes the same
 # on every CPU it is run on: without VNNI, oneDNN's u8 x s8 kernels add pairs of products in int16
 # (vpmaddubsw), which saturates once 2 * 255 * 127 > 32767; 2 * 127 * 127 fits.
 ACTIVATION_LEVELS = 128
+
+
+# A table of this many values (64 MB in FP32) or more has what the phases before it freed given back
+# to the OS before its int8 copy is made; below it, that gains less than the garbage collection costs
+# (a third of a second).
+LARGE_TABLE_VALUES = 1 << 24
 
 
 def activation_range(lo, hi):
@@ -206,6 +213,10 @@ class Int8Weights:
         key = ("embedding", id(table))
         if key not in self._made:
             self._check_not_released(table)
+            if int(np.prod(table.shape)) >= LARGE_TABLE_VALUES:
+                # the conversion's peak comes next, the FP32 table beside its int8 copy: what the
+                # phases before it (calibration, FP32 steps) freed goes back to the OS first
+                return_freed_memory()
             name = table.name.split(":")[0].replace("/", "_")
             absmax, blocks = quantized_blocks(table, axis=1)
             q = _int8_variable(table.shape, f"{name}_int8")
