@@ -97,9 +97,12 @@ def print_projection(rows, size_col, what, size_name="model"):
         np.polyfit(layers, np.array([r[col] for r in rows]), 1) for col in (size_col, size_col + 1, size_col + 2))
     size28 = size_slope * GPTJ_6B_LAYERS + size_icpt
     peak28 = peak_slope * GPTJ_6B_LAYERS + peak_icpt
-    print(f"\nPer layer: +{size_slope:.2f} GB of {size_name}, +{peak_slope:.2f} GB of peak RSS, +{t_slope:.0f} s.")
+    minutes = (t_slope * GPTJ_6B_LAYERS + t_icpt) / 60
+    # times grow with the layers unless something else shared the CPU; a fit that shrinks is noise
+    timing = f"{what} {minutes:.0f} min" if t_slope > 0 else f"{what} time not projected (the times did not grow)"
+    print(f"\nPer layer: +{size_slope:.2f} GB of {size_name}, +{peak_slope:.2f} GB of peak RSS, {t_slope:+.0f} s.")
     print(f"Projected for {GPTJ_6B_LAYERS} layers (GPT-J-6B): {size_name} {size28:.1f} GB, peak RSS {peak28:.1f} GB "
-          f"({peak28 / size28:.2f}x), {what} {(t_slope * GPTJ_6B_LAYERS + t_icpt) / 60:.0f} min.")
+          f"({peak28 / size28:.2f}x), {timing}.")
 
 
 def bench_prepare(layers):
@@ -151,7 +154,7 @@ def bench_quantize(layers):
 # Python run by serving_peak after common.model_code has loaded the model as `m`.
 SERVING_CALLS = {
     "serving_default": "m.signatures['serving_default'](input_ids=ids, attention_mask=mask)",
-    "generate": "m.signatures['generate'](input_ids=ids, attention_mask=mask, max_new_tokens=tf.constant(8))",
+    "generate": "m.signatures['generate'](**generation.generate_inputs(m.signatures['generate'], ids, mask, 8))",
     "prefill + decode": "list(generation.stream(m.signatures['prefill'], m.signatures['decode'], ids.numpy(), "
                         "mask.numpy(), 8))",
 }
