@@ -11,10 +11,14 @@ one (what the OS reports available, the cgroup's limit, --max_memory_gb), they a
 made to generate one at a time, with the same accuracy figures; when it cannot hold one alone, the
 run is refused before loading. The output says which way it timed.
 
-Each scored passage is recorded as it goes, under <output_dir>/scores/: the same command after an
-interruption (Ctrl-C, kill) continues where it stopped, with the figures of an uninterrupted run
-(timings are measured anew). A changed model, dataset or flag that scoring depends on scores
-afresh, as does --fresh.
+Scoring is an Apache Beam pipeline (RunInference on serving_default), run on this machine by default
+and on Dataflow, Flink or Spark by Beam's own flags: every flag this script does not know goes to
+Beam's PipelineOptions (--runner, --direct_num_workers, --direct_running_mode=multi_processing,
+--temp_location, ...). Each scored batch is recorded as it finishes, under <output_dir>/scores/ (a
+local path, or gs://, s3://, hdfs:// for a cluster): the same command after an interruption (Ctrl-C,
+kill, a lost worker) continues where it stopped, with the figures of an uninterrupted run (timings
+are measured anew, here). A changed model, dataset or flag that scoring depends on scores afresh, as
+does --fresh.
 
 When both models have the generation signatures, each also continues --gen_samples prompts (the
 context before a passage's last word) by --max_new_tokens greedy tokens, the two in turn prompt
@@ -23,11 +27,11 @@ INT8 picks FP32's token when both continue FP32's text (teacher-forced agreement
 Writes <output_dir>/results.json and <output_dir>/results.png.
 """
 import argparse
+import io
 import json
-import os
 from pathlib import Path
 
-from gptj_int8 import benchmark, cli, data, evaluation, memory, models, savedmodel
+from gptj_int8 import benchmark, cli, data, evaluation, memory, models, savedmodel, scoring
 
 DEFAULT_MODEL = models.default_export_dir(models.BUNDLED_MODEL)
 
@@ -40,7 +44,8 @@ def print_block(title, batch_size, result):
     print(f"Throughput: {result['throughput']:.3f} samples/sec")
 
 
-def write_chart(results, path):
+def chart_png(results):
+    """The bars of accuracy, latency and generation speed, FP32 beside INT8, as PNG bytes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -56,10 +61,10 @@ def write_chart(results, path):
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    return png.getvalue()
 
 
 def main():
@@ -80,7 +85,11 @@ def main():
                    help="memory this run may use (default: what the OS reports available): both models together "
                         "when they fit, else one at a time, else refused")
     p.add_argument("--fresh", action="store_true", help="score every passage again, even if <output_dir>/scores holds them")
-    args = p.parse_args()
+    p.add_argument("--model_copies", type=cli.positive_int, default=None,
+                   help="score with this many copies of a model per machine, shared by its worker processes "
+                        "(Beam's large-model mode; default: one per worker process)")
+    args, beam_args = p.parse_known_args()
+    beam_options = scoring.pipeline_options(beam_args)
 
     input_model = Path(args.input_model)
     converted = Path(args.converted_model or models.default_converted_dir(input_model))
@@ -90,17 +99,14 @@ def main():
     max_length = models.context_length(input_model)
     sequences = data.encode_passages(tokenizer, data.load_passages(args.dataset, args.num_samples), max_length)
     settings = evaluation.Settings(args.dataset, args.num_samples, args.batch_size, args.warmup, args.iterations,
-                                   args.gen_samples, args.max_new_tokens, args.max_memory_gb, args.fresh)
+                                   args.gen_samples, args.max_new_tokens, args.max_memory_gb, args.fresh,
+                                   beam_options, args.model_copies)
     results = evaluation.evaluate_pair({"original": input_model, "converted": converted}, sequences,
                                        tokenizer.pad_token_id, max_length, args.output_dir, settings)
     generated = "generation_prompts" in results
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
-    write_chart(results, out / "results.png")
+    scoring.write_file(scoring.join(args.output_dir, "results.json"), json.dumps(results, indent=2).encode())
+    scoring.write_file(scoring.join(args.output_dir, "results.png"), chart_png(results))
 
     print_block("original gpt-j", args.batch_size, results["original"])
     print()

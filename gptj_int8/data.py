@@ -99,6 +99,15 @@ def pad_batch(sequences, pad_id):
     return input_ids, attention_mask
 
 
+def batches_by_length(encoded, batch_size, pad_id):
+    """[(passage indices, batch)] of encode_passages' output in batches of passages of about the same
+    length (sorted by length, ties in passage order), so that padding costs little. A pure function
+    of its arguments: the same passages and batch size always give the same batches."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [(np.array(chunk), batches([encoded[i] for i in chunk], batch_size, pad_id)[0]) for chunk in chunks]
+
+
 def batches(encoded, batch_size, pad_id):
     """Right-padded (input_ids, attention_mask, target lengths) batches of encode_passages' output."""
     out = []

@@ -203,6 +203,19 @@ def needs(models, phases):
     return together, alone
 
 
+def scoring_need(model_dirs, signatures, extra_bytes, processes, copies=None):
+    """Bytes a local scoring pipeline needs for these models: this process's runtime, and each worker
+    process's runtime, batch (`extra_bytes`) and models (processes 0: the workers are this process's
+    threads, sharing one copy of each model); with `copies`, the models live in that many processes
+    of their own, shared by the workers (Beam's large-model mode)."""
+    models = sum(model_need(d, signatures) for d in model_dirs)
+    if copies:
+        return RUNTIME_BYTES + processes * (RUNTIME_BYTES + extra_bytes) + copies * (RUNTIME_BYTES + models)
+    if not processes:
+        return RUNTIME_BYTES + extra_bytes + models
+    return RUNTIME_BYTES + processes * (RUNTIME_BYTES + extra_bytes + models)
+
+
 def plan(models, phases, max_memory_gb=None):
     """The Plan of a two-model run (needs' arguments), or UserError when one model alone cannot fit."""
     together, alone = needs(models, phases)
