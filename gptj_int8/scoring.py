@@ -307,16 +307,19 @@ class WriteRecords(_do_fn_base()):
 
 ##### Options and the run #####
 
-class _WithoutBeamsMemoryNote(logging.Filter):
-    """Beam's RunInference warns at every model load that it cannot read the process's memory where
-    torch is absent (its import of `resource` shares a try block with a torch-only module); it says
-    nothing about our run."""
+class _WithoutBeamsNotes(logging.Filter):
+    """Two warnings Beam logs that say nothing about our run: at import, that Google Cloud's client
+    libraries are absent (they are for Dataflow and BigQuery); at every model load where torch is
+    absent, that it cannot read the process's memory (its import of `resource` shares a try block
+    with a torch-only module)."""
+
+    NOTES = ("apitools not found", "memory usage cannot be fetched")
 
     def filter(self, record):
-        return "memory usage cannot be fetched" not in record.getMessage()
+        return not any(note in record.getMessage() for note in self.NOTES)
 
 
-logging.getLogger().addFilter(_WithoutBeamsMemoryNote())
+logging.getLogger().addFilter(_WithoutBeamsNotes())
 
 
 def pipeline_options(beam_args):

@@ -4,9 +4,11 @@ docs/*.md names a script that exists, and only flags that script's argparse acce
 Commands are taken from code blocks (indented or fenced, a trailing backslash continuing a line)
 and from inline code spans in prose. The flags a script accepts are read from its source, from
 every `add_argument` call (with `--no-<flag>` for a BooleanOptionalAction), without importing it
-(the scripts import TensorFlow). A flag must be named in full: argparse would also take an
-unambiguous prefix, which breaks as soon as a script gains a flag sharing it.
+(the scripts import TensorFlow). A script that hands the flags it does not know to Apache Beam
+(`parse_known_args`) also accepts Beam's pipeline options. A flag must be named in full: argparse
+would also take an unambiguous prefix, which breaks as soon as a script gains a flag sharing it.
 """
+import argparse
 import ast
 import re
 import shlex
@@ -24,10 +26,29 @@ ENDS_COMMAND = {"&&", "||", ";", "|", "&", ")", "("}   # <placeholders> and redi
 
 
 @lru_cache(maxsize=None)
+def beam_flags():
+    """The option strings of every Apache Beam PipelineOptions class (--runner, --project, ...)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    parser = argparse.ArgumentParser(add_help=False, conflict_handler="resolve")
+    parser.add_value_provider_argument = parser.add_argument      # what Beam's own parser adds
+    classes, seen = list(PipelineOptions.__subclasses__()), set()
+    while classes:
+        cls = classes.pop()
+        if cls not in seen:
+            seen.add(cls)
+            cls._add_argparse_args(parser)
+            classes.extend(cls.__subclasses__())
+    return frozenset(s for action in parser._actions for s in action.option_strings)
+
+
+@lru_cache(maxsize=None)
 def accepted_flags(script):
     """The option strings of `script`'s argparse: those of its add_argument calls, read from the source."""
     flags = {"-h", "--help"}
-    for node in ast.walk(ast.parse(script.read_text(), str(script))):
+    source = script.read_text()
+    if "parse_known_args" in source:
+        flags.update(beam_flags())
+    for node in ast.walk(ast.parse(source, str(script))):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr == "add_argument"):
             continue
@@ -147,3 +168,5 @@ def test_a_flag_the_script_lacks_is_caught():
     assert (n3, s3, f3) == (6, "bench/speed.py", ["--iterations", "--made_up"])
     assert unknown_flags(ROOT / s3, f3) == ["--made_up"]
     assert "--no-itex_mode" in accepted_flags(ROOT / "quantize.py")
+    assert {"--runner", "--worker_machine_type", "--direct_num_workers"} <= accepted_flags(ROOT / "run_benchmark.py")
+    assert "--runner" not in accepted_flags(ROOT / "quantize.py")
