@@ -255,10 +255,12 @@ class Scorer:
 def release_models():
     """Free the models a pipeline loaded in this process. Beam keeps the last model a RunInference
     loaded alive (its Shared cache), which would otherwise be held through the timing that follows."""
-    for scorer in list(_loaded_scorers):
+    scorers = list(_loaded_scorers)
+    for scorer in scorers:
         scorer.release()
-    import gc
-    gc.collect()
+    if scorers:                             # a model's traced functions are freed by the collector
+        import gc
+        gc.collect()
 
 
 def _model_handler_base():
