@@ -136,12 +136,17 @@ SAMPLING_DTYPES = {"temperature": tf.float32, "top_k": tf.int32, "top_p": tf.flo
 # What a setting must be; generate.py's errors and the signature's failed requests both say it.
 SAMPLING_RULES = {"temperature": "a number >= 0 (0: greedy)", "top_k": "an integer >= 0 (0: no limit)",
                   "top_p": "a number in (0, 1] (1: no limit)"}
-# top_p without top_k looks for its tokens among this many likeliest first: sorting GPT-J's whole
-# vocabulary (50400) takes ~6 ms a row, a fifth of a decode step of one 6B-width layer at batch 1; the
-# full sort runs only when these do not reach top_p in some row (the bundled model sampling at
-# temperature 1: 94% of 384 rows' top_p 0.9 within 256 tokens, median 39; a random model's flat
-# logits: never).
+# top_p without top_k finds where its nucleus ends without sorting GPT-J's whole vocabulary (50400
+# tokens, ~6 ms a row, a fifth of a decode step of one 6B-width layer at batch 1): each row's logits
+# are counted into NUCLEUS_BUCKETS equal intervals of value, the interval where the running mass from
+# the top reaches top_p is found, and only its tokens are sorted (at most NUCLEUS_CANDIDATES of them;
+# the full sort runs only when a row holds more there, such as logits all equal). The intervals span
+# the row's largest logit down to NUCLEUS_DEPTH below the log of its total mass, or its smallest if
+# higher: a vocabulary's worth of tokens below that weighs under 50400 * e^-30 = 5e-9, less than
+# float32 tells apart below 1, so the nucleus of any top_p ends above it.
+NUCLEUS_BUCKETS = 8192
 NUCLEUS_CANDIDATES = 256
+NUCLEUS_DEPTH = 30.0
 DRAW_BLOCK = 256          # draw's blocks of tokens
 
 
@@ -195,8 +200,7 @@ def allowed_logits(logits, top_k, top_p):
 
     def lowest_in_nucleus():
         log_total = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
-        lowest, complete = nucleus_end(tf.math.top_k(logits, tf.minimum(NUCLEUS_CANDIDATES, vocab)).values,
-                                       log_total, top_p)
+        lowest, complete = nucleus_end_by_intervals(logits, log_total, top_p)
         return tf.cond(complete, lambda: lowest,
                        lambda: nucleus_end(tf.math.top_k(logits, vocab).values, log_total, top_p)[0])
 
@@ -214,6 +218,35 @@ def nucleus_end(ranked, log_total, top_p):
     kept = tf.reduce_sum(tf.cast(before < top_p, tf.int32), axis=-1)
     complete = tf.reduce_all(before[:, -1] + probs[:, -1] >= top_p)
     return tf.gather(ranked, kept[:, None] - 1, batch_dims=1), complete
+
+
+def nucleus_end_by_intervals(logits, log_total, top_p):
+    """nucleus_end's ([batch, 1] lowest logit top_p keeps, complete) without a full sort: the mass of
+    each row's NUCLEUS_BUCKETS intervals of logit value (the lowest also holding everything below the
+    span), summed from the top, gives the interval where the nucleus ends; that interval's tokens,
+    sorted, with the mass above it, give the last token kept. Incomplete where some row's interval
+    holds more than NUCLEUS_CANDIDATES tokens."""
+    batch = tf.shape(logits)[0]
+    top = tf.reduce_max(logits, axis=-1, keepdims=True)
+    low = tf.maximum(tf.reduce_min(logits, axis=-1, keepdims=True), log_total - NUCLEUS_DEPTH)
+    scale = NUCLEUS_BUCKETS / tf.maximum(top - low, 1e-30)      # interval index grows with the logit
+    bucket = tf.clip_by_value(tf.cast(tf.floor((logits - low) * scale), tf.int32), 0, NUCLEUS_BUCKETS - 1)
+    probs = tf.exp(logits - log_total)
+    rows = tf.range(batch)[:, None] * NUCLEUS_BUCKETS
+    mass = tf.reshape(tf.math.unsorted_segment_sum(probs, bucket + rows, batch * NUCLEUS_BUCKETS),
+                      [batch, NUCLEUS_BUCKETS])
+    above = tf.math.cumsum(mass, axis=-1, exclusive=True, reverse=True)     # in the intervals above
+    end = tf.maximum(tf.reduce_sum(tf.cast(above + mass >= top_p, tf.int32), axis=-1) - 1, 0)
+    inside = tf.equal(bucket, end[:, None])
+    count = tf.reduce_sum(tf.cast(inside, tf.int32), axis=-1)
+    ranked = tf.math.top_k(tf.where(inside, logits, -np.inf),
+                           tf.minimum(NUCLEUS_CANDIDATES, tf.shape(logits)[1])).values
+    before = tf.gather(above, end[:, None], batch_dims=1) + tf.math.cumsum(tf.exp(ranked - log_total),
+                                                                            axis=-1, exclusive=True)
+    kept = tf.reduce_sum(tf.cast((before < top_p) & (tf.range(tf.shape(ranked)[1]) < count[:, None]), tf.int32),
+                         axis=-1)
+    lowest = tf.gather(ranked, tf.maximum(kept, 1)[:, None] - 1, batch_dims=1)
+    return lowest, tf.reduce_all(count <= NUCLEUS_CANDIDATES)
 
 
 def cut_below(logits, lowest):

@@ -38,6 +38,22 @@ from .cli import UserError
 
 log = logging.getLogger(__name__)
 
+
+class _WithoutBeamsNotes(logging.Filter):
+    """Two warnings Beam logs that say nothing about our run: at import (this module's ServingHandler
+    imports Beam, so the filter comes first), that Google Cloud's client libraries are absent (they
+    are for Dataflow and BigQuery); at every model load where torch is absent, that it cannot read
+    the process's memory (its import of `resource` shares a try block with a torch-only module)."""
+
+    NOTES = ("apitools not found", "memory usage cannot be fetched")
+
+    def filter(self, record):
+        return not any(note in record.getMessage() for note in self.NOTES)
+
+
+logging.getLogger().addFilter(_WithoutBeamsNotes())
+
+
 RECORDS_FORMAT = 2                                      # bumped when a record's layout changes
 # Runners that run on this machine, whose worker processes the memory plan counts. Our default is
 # FnApiRunner: DirectRunner first tries the Prism runner, which downloads a binary.
@@ -309,19 +325,6 @@ class WriteRecords(_do_fn_base()):
 
 ##### Options and the run #####
 
-class _WithoutBeamsNotes(logging.Filter):
-    """Two warnings Beam logs that say nothing about our run: at import, that Google Cloud's client
-    libraries are absent (they are for Dataflow and BigQuery); at every model load where torch is
-    absent, that it cannot read the process's memory (its import of `resource` shares a try block
-    with a torch-only module)."""
-
-    NOTES = ("apitools not found", "memory usage cannot be fetched")
-
-    def filter(self, record):
-        return not any(note in record.getMessage() for note in self.NOTES)
-
-
-logging.getLogger().addFilter(_WithoutBeamsNotes())
 
 
 def pipeline_options(beam_args):

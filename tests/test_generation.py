@@ -193,6 +193,49 @@ def test_sampler_keeps_only_the_allowed_tokens():
     assert drawn(temperature=0.0) == {0}
 
 
+def _nucleus_by_full_sort(logits, top_p, tolerance=1e-5):
+    """The tokens top_p keeps, by the definition, in float64: sorted descending, a token stays while
+    the ones before it have less than p, and tokens tied with the last one kept stay too. As (the
+    tokens kept, those that float32's running sums may keep or not: before within tolerance of p)."""
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-logits, kind="stable")
+    before = np.cumsum(probs[order]) - probs[order]
+
+    def kept(p):
+        return set(np.flatnonzero(logits >= logits[order][max((before < p).sum(), 1) - 1]).tolist())
+    surely = kept(top_p - tolerance)
+    return surely, kept(top_p + tolerance) - surely
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_nucleus_without_a_full_sort_keeps_what_a_full_sort_keeps(top_p):
+    """allowed_logits' top_p, which sorts only the tokens where the nucleus ends, keeps the tokens a
+    full sort keeps: GPT-J's vocabulary with flat (random-model) and peaked (trained-model) logits and
+    a row with a token far below the rest, in one batch; then rows whose logits are all equal or
+    heavily tied (with a -inf), which take the full sort. Up to float32's rounding of the running
+    sums, which decides between tokens a thousandth of a percent of mass apart."""
+    rng = np.random.default_rng(0)
+    vocab = 50400
+    flat = rng.normal(0, 1, vocab)
+    peaked = rng.normal(0, 3, vocab) + np.where(rng.random(vocab) < 0.001, 12.0, 0.0)
+    far = rng.normal(0, 1, vocab)
+    far[3] = -200.0
+    ties = np.round(rng.normal(0, 1, vocab), 1)
+    ties[7] = -np.inf
+    p = tf.constant(top_p, tf.float32)
+    for rows, by_intervals in [([flat, peaked, far], True), ([np.zeros(vocab), ties], False)]:
+        rows = tf.constant(np.stack(rows), tf.float32)
+        log_total = tf.reduce_logsumexp(rows, axis=-1, keepdims=True)
+        assert bool(generation.nucleus_end_by_intervals(rows, log_total, p)[1]) == by_intervals
+        kept = generation.allowed_logits(rows, tf.constant(0), p).numpy()
+        for row, out in zip(rows.numpy(), kept):
+            surely, maybe = _nucleus_by_full_sort(row.astype(np.float64), top_p)
+            assert surely <= set(np.flatnonzero(np.isfinite(out)).tolist()) <= surely | maybe
+            assert len(maybe) < 100
+            assert np.array_equal(out[np.isfinite(out)], row[np.isfinite(out)])
+
+
 def test_generate_counts_each_rows_tokens_up_to_its_eos():
     """`lengths` over a scripted decode whose rows give EOS at the steps asked: rows go on with EOS
     after theirs; when every row has, the loop stops and the rest is EOS."""

@@ -209,3 +209,11 @@ def test_local_workers_that_cannot_each_hold_a_model_are_refused(tmp_path, tiny_
                       cwd=tmp_path, check=False)
     _fails_cleanly(proc, "scoring with 2 worker processes, each holding the", "use fewer --direct_num_workers")
     assert not (tmp_path / "out").exists()
+
+
+def test_beams_notes_about_absent_cloud_libraries_are_not_shown():
+    """Importing the scoring imports Beam, which logs that Google Cloud's client libraries are absent:
+    nothing a user of the local runner needs, so not shown."""
+    proc = subprocess.run([sys.executable, "-c", "from gptj_int8 import scoring"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert "apitools" not in proc.stderr
