@@ -19,8 +19,8 @@ process generating a full context of 2048 tokens. Last (also alone, --sampling_o
 new token through `generate`, greedy against sampled (temperature 1, top_k 50, top_p 0.9, both),
 the settings in turn prompt by prompt; then the sampler alone, over a decode that returns fixed
 logits. The random-weight models' next-token distributions are nearly flat, so their top_p 0.9
-keeps most of the vocabulary: the sampler's worst case, a full sort of the vocabulary every step
-(a peaked distribution's nucleus lies among its 256 likeliest tokens, sorted alone).
+keeps most of the vocabulary and ends where tokens are densest: the hard case for top_p, which
+sorts only the tokens in the interval of logit value where the nucleus ends.
 """
 import argparse
 import time
@@ -89,6 +89,7 @@ def sampling_token_ms(name, batches, new_tokens, prompts):
     of each prompt's own pair stands up to the machine's drift between prompts."""
     import tensorflow as tf
     from gptj_int8 import models
+    common.prepare(name, dict(MODELS)[name])
     int8_dir = common.converted(name)
     common.check_memory(int8_dir, signatures=["generate"])
     loaded = tf.saved_model.load(str(int8_dir))

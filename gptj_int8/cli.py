@@ -77,8 +77,9 @@ def _interrupt(signum, frame):
 def run(main):
     """Run a script's main(): UserError becomes 'error: ...' on stderr and exit code 2; Ctrl-C and
     `kill` become 'error: interrupted' and exit code 130."""
+    # force: a library's logging.warning() at import (Beam's does) sets up the root logger first
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", force=True)
     # TensorFlow's saving chatter (once per variable, and absl's "renamed to unknown" per
     # signature) and datasets' version line are not the project's
     for name in ("tensorflow", "absl", "datasets"):
