@@ -196,28 +196,27 @@ def allowed_logits(logits, top_k, top_p):
     def lowest_in_top_k():
         values = tf.math.top_k(logits, top_k).values                  # descending
         log_total = tf.reduce_logsumexp(values, axis=-1, keepdims=True)
-        return tf.cond(top_p < 1, lambda: nucleus_end(values, log_total, top_p)[0], lambda: values[:, -1:])
+        return tf.cond(top_p < 1, lambda: nucleus_end(values, log_total, top_p), lambda: values[:, -1:])
 
     def lowest_in_nucleus():
         log_total = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
         lowest, complete = nucleus_end_by_intervals(logits, log_total, top_p)
         return tf.cond(complete, lambda: lowest,
-                       lambda: nucleus_end(tf.math.top_k(logits, vocab).values, log_total, top_p)[0])
+                       lambda: nucleus_end(tf.math.top_k(logits, vocab).values, log_total, top_p))
 
     return tf.cond((top_k > 0) & (top_k < vocab), lambda: cut_below(logits, lowest_in_top_k()),
                    lambda: tf.cond(top_p < 1, lambda: cut_below(logits, lowest_in_nucleus()), lambda: logits))
 
 
-def nucleus_end(ranked, log_total, top_p):
-    """([batch, 1] the lowest of `ranked` (the likeliest logits, descending; each token's
-    probability exp(logit - log_total)) that top_p keeps, whether every row's nucleus ends within
-    them). The ranked logits and their running sums are a prefix of a full sort's, so when the
-    token after them would be cut, they give the tokens a full sort would."""
-    probs = tf.exp(ranked - log_total)
-    before = tf.math.cumsum(probs, axis=-1, exclusive=True)
+def nucleus_end(ranked, log_total, top_p, above=0.0):
+    """[batch, 1] the lowest of `ranked` (logits in descending order, -inf where a row has fewer;
+    each token's probability exp(logit - log_total)) that top_p keeps, when the tokens likelier than
+    them hold `above` of the mass ([batch, 1]; 0 when they are the likeliest)."""
+    before = above + tf.math.cumsum(tf.exp(ranked - log_total), axis=-1, exclusive=True)
     kept = tf.reduce_sum(tf.cast(before < top_p, tf.int32), axis=-1)
-    complete = tf.reduce_all(before[:, -1] + probs[:, -1] >= top_p)
-    return tf.gather(ranked, kept[:, None] - 1, batch_dims=1), complete
+    # at least the first; never a -inf, whose zero probability float rounding can leave below top_p
+    kept = tf.clip_by_value(kept, 1, tf.maximum(tf.reduce_sum(tf.cast(ranked > -np.inf, tf.int32), axis=-1), 1))
+    return tf.gather(ranked, kept[:, None] - 1, batch_dims=1)
 
 
 def nucleus_end_by_intervals(logits, log_total, top_p):
@@ -241,11 +240,7 @@ def nucleus_end_by_intervals(logits, log_total, top_p):
     count = tf.reduce_sum(tf.cast(inside, tf.int32), axis=-1)
     ranked = tf.math.top_k(tf.where(inside, logits, -np.inf),
                            tf.minimum(NUCLEUS_CANDIDATES, tf.shape(logits)[1])).values
-    before = tf.gather(above, end[:, None], batch_dims=1) + tf.math.cumsum(tf.exp(ranked - log_total),
-                                                                            axis=-1, exclusive=True)
-    kept = tf.reduce_sum(tf.cast((before < top_p) & (tf.range(tf.shape(ranked)[1]) < count[:, None]), tf.int32),
-                         axis=-1)
-    lowest = tf.gather(ranked, tf.maximum(kept, 1)[:, None] - 1, batch_dims=1)
+    lowest = nucleus_end(ranked, log_total, top_p, tf.gather(above, end[:, None], batch_dims=1))
     return lowest, tf.reduce_all(count <= NUCLEUS_CANDIDATES)
 
 

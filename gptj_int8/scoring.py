@@ -325,8 +325,6 @@ class WriteRecords(_do_fn_base()):
 
 ##### Options and the run #####
 
-
-
 def pipeline_options(beam_args):
     """PipelineOptions from the flags run_benchmark.py does not know, our local runner when none is
     named; UserError, in one line, for a flag Beam does not know, a bad value or an unknown runner."""
